@@ -1,0 +1,157 @@
+"""Checkpoint loading: official layouts, safetensors, configuration inference, pretrained names."""
+import argparse
+
+import pytest
+import torch
+
+import dit_fast
+from dit_fast import checkpoint
+from dit_fast import DiT, DiT_models, from_pretrained, infer_config, load_checkpoint, save_checkpoint
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    model = DiT(**{**TINY, **kw})
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+
+
+def test_plain_state_dict(tmp_path):
+    model = _model()
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    _same(load_checkpoint(tmp_path / "plain.pt"), model.state_dict())
+
+
+def test_official_train_checkpoint_takes_ema(tmp_path):
+    model, ema = _model(), _model()
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    args = argparse.Namespace(model="DiT-S/8", image_size=64, num_classes=10, global_batch_size=256)
+    ckpt = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args}
+    torch.save(ckpt, tmp_path / "0000100.pt")
+    _same(load_checkpoint(tmp_path / "0000100.pt"), ema.state_dict())
+    _same(load_checkpoint(tmp_path / "0000100.pt", key="model"), model.state_dict())
+
+
+def test_train_checkpoint_config_from_args(tmp_path):
+    # an official train.py checkpoint of DiT-S/8 at 64 px: the configuration comes from `args`
+    with torch.device("meta"):
+        shapes = DiT_models["DiT-S/8"](input_size=8, num_classes=10).state_dict()
+    sd = {k: torch.randn(v.shape) * 0.01 for k, v in shapes.items()}
+    args = argparse.Namespace(model="DiT-S/8", image_size=64, num_classes=10)
+    torch.save({"model": sd, "ema": sd, "args": args}, tmp_path / "ckpt.pt")
+    model = from_pretrained(tmp_path / "ckpt.pt")
+    assert (model.input_size, model.patch_size, model.num_heads, len(model.blocks)) == (8, 8, 6, 12)
+    assert not model.training
+
+
+def test_ddp_and_compile_prefixes_are_stripped(tmp_path):
+    model = _model()
+    prefixed = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    torch.save(prefixed, tmp_path / "ddp.pt")
+    _same(load_checkpoint(tmp_path / "ddp.pt"), model.state_dict())
+
+
+@pytest.mark.parametrize("block", dit_fast.BLOCK_TYPES)
+def test_safetensors_round_trip_with_config(tmp_path, block):
+    model = _model(block=block, learn_sigma=False, num_heads=8)
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    _same(load_checkpoint(tmp_path / "m.safetensors"), model.state_dict())
+    loaded = DiT.from_pretrained(tmp_path / "m.safetensors")
+    assert loaded.config == model.config
+    _same(loaded.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("block", dit_fast.BLOCK_TYPES)
+def test_infer_config(block):
+    model = _model(block=block)
+    config = infer_config(model.state_dict(), num_heads=4)
+    assert config == {**model.config, "class_dropout_prob": 0.1}
+
+
+def test_infer_num_heads_from_named_sizes():
+    with torch.device("meta"):
+        sd = DiT_models["DiT-B/4"](input_size=16).state_dict()
+    config = infer_config(sd)
+    assert (config["num_heads"], config["depth"], config["patch_size"], config["input_size"]) == (12, 12, 4, 16)
+    with pytest.raises(ValueError, match="num_heads"):
+        infer_config(_model().state_dict())
+
+
+def test_from_pretrained_plain_file_strict(tmp_path):
+    model = _model(block="adaLN-Zero")
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    loaded = from_pretrained(tmp_path / "plain.pt", num_heads=4)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, y), model.eval()(x, t, y), atol=0, rtol=0)
+    # an override that doesn't fit the weights fails loudly (strict loading)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        from_pretrained(tmp_path / "plain.pt", num_heads=4, hidden_size=128)
+
+
+def test_published_names_use_the_download_path(tmp_path, monkeypatch):
+    # No network here: the download is served from a locally written file, through the real code path.
+    with torch.device("meta"):
+        shapes = DiT_models["DiT-S/8"](input_size=32).state_dict()
+    source = tmp_path / "source.pt"
+    torch.save({k: torch.zeros(v.shape) for k, v in shapes.items()}, source)
+    urls = []
+
+    def fake_download(url, dst, progress=True):
+        urls.append(url)
+        with open(source, "rb") as f, open(dst, "wb") as g:
+            g.write(f.read())
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setenv("DIT_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(checkpoint.PRETRAINED, "DiT-XL-2-256x256.pt", ("DiT-S/8", 256))
+    model = from_pretrained("DiT-XL-2-256x256")
+    assert urls == ["https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"]
+    assert (tmp_path / "cache" / "DiT-XL-2-256x256.pt").is_file()
+    assert model.input_size == 32 and model.patch_size == 8
+    from_pretrained("DiT-XL-2-256x256.pt")  # cached: no second download
+    assert len(urls) == 1
+
+
+def test_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="no published checkpoint"):
+        from_pretrained(tmp_path / "missing.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="expected a dict"):
+        load_checkpoint(tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="key must be"):
+        load_checkpoint(tmp_path / "list.pt", key="opt")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "notdit.pt")
+    with pytest.raises(ValueError, match="not a DiT state dict"):
+        from_pretrained(tmp_path / "notdit.pt")
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = _model()
+    path = tmp_path / "m.pt"
+    save_checkpoint(model, path)
+    before = path.read_bytes()
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(_model(depth=1), path)
+    assert path.read_bytes() == before

@@ -1,0 +1,265 @@
+"""The drop-in DiT model against the official release (golden_A) and the paper's four blocks."""
+import pytest
+import torch
+
+from dit_fast import BLOCK_TYPES, DiT, DiT_models
+from dit_fast.models import DiT_configs
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+
+
+def _golden_model(record):
+    model = DiT(**record["config"])
+    model.load_state_dict(record["state_dict"], strict=True)
+    return model.eval()
+
+
+def _perturbed(model, seed=0):
+    """Give the zero-initialized adaLN / output layers random weights so outputs are not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or "final_layer" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def _inputs(n=3, cfg=TINY, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cfg["in_channels"], cfg["input_size"], cfg["input_size"], generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    y = torch.randint(0, cfg["num_classes"], (n,), generator=g)
+    return x, t, y
+
+
+# ---------------------------------------------------------------- official keys and outputs
+
+def test_names():
+    assert sorted(DiT_models) == sorted(f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8))
+    assert sorted(DiT_configs) == sorted(DiT_models)
+
+
+def test_state_dict_keys_match_every_official_configuration(golden):
+    for key, shapes in golden["manifest"].items():
+        name, image_size = key.split("@")
+        with torch.device("meta"):
+            model = DiT_models[name](input_size=int(image_size) // 8)
+        got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert got == {k: tuple(v) for k, v in shapes.items()}, key
+
+
+def test_forward_matches_official(golden):
+    for record in golden["models"]:
+        model = _golden_model(record)
+        with torch.no_grad():
+            out = model(record["x"], record["t"], record["y"])
+        torch.testing.assert_close(out, record["forward"], atol=1e-5, rtol=0)
+
+
+def test_forward_with_cfg_matches_official(golden):
+    for record in golden["models"]:
+        model = _golden_model(record)
+        with torch.no_grad():
+            out = model.forward_with_cfg(record["cfg_x"], record["cfg_t"], record["cfg_y"], record["cfg_scale"])
+        torch.testing.assert_close(out, record["forward_with_cfg"], atol=1e-5, rtol=0)
+
+
+def test_guide_all_channels(golden):
+    record = golden["models"][0]
+    model = _golden_model(record)
+    x, t, y, s = record["cfg_x"], record["cfg_t"], record["cfg_y"], record["cfg_scale"]
+    with torch.no_grad():
+        half = x[: len(x) // 2]
+        out = model(torch.cat([half, half]), t, y)
+        guided = model.forward_with_cfg(x, t, y, s, guide_channels="all")
+    C = model.in_channels
+    cond, uncond = out[:, :C].chunk(2)
+    expected = uncond + s * (cond - uncond)
+    torch.testing.assert_close(guided[:, :C], torch.cat([expected, expected]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(guided[:, C:], out[:, C:])
+    # the official default leaves channel 3 unguided
+    official = model.forward_with_cfg(x, t, y, s)
+    assert not torch.allclose(official[:, 3], guided[:, 3])
+
+
+def test_official_initialization():
+    model = DiT(**TINY)
+    for block in model.blocks:
+        assert block.adaLN_modulation[-1].weight.abs().sum() == 0
+        assert block.adaLN_modulation[-1].bias.abs().sum() == 0
+    assert model.final_layer.linear.weight.abs().sum() == 0
+    assert model.final_layer.adaLN_modulation[-1].weight.abs().sum() == 0
+    assert not model.pos_embed.requires_grad
+    assert "pos_embed" in model.state_dict()
+    # zero-initialized output layer: the untrained model outputs zeros
+    x, t, y = _inputs()
+    assert model(x, t, y).abs().max() == 0
+    # pos_embed: the frozen 2-D sin-cos table (first half of the channels encodes the column)
+    from dit_fast.models import get_2d_sincos_pos_embed
+    grid = TINY["input_size"] // TINY["patch_size"]
+    ref = torch.from_numpy(get_2d_sincos_pos_embed(TINY["hidden_size"], grid)).float()
+    torch.testing.assert_close(model.pos_embed[0], ref)
+    half = TINY["hidden_size"] // 2
+    torch.testing.assert_close(ref[grid, :half], ref[0, :half])  # same column
+    torch.testing.assert_close(ref[1, half:], ref[0, half:])     # same row
+
+
+def test_label_dropout_in_training():
+    torch.manual_seed(0)
+    model = DiT(**TINY, class_dropout_prob=0.5)
+    y = torch.zeros(2000, dtype=torch.long)
+    dropped = model.y_embedder.token_drop(y)
+    assert 0.4 < (dropped == TINY["num_classes"]).float().mean() < 0.6
+    forced = model.y_embedder.token_drop(y[:4], force_drop_ids=torch.tensor([1, 0, 1, 0]))
+    assert forced.tolist() == [10, 0, 10, 0]
+
+
+# ---------------------------------------------------------------- dtypes
+
+def test_bfloat16_model_runs():
+    model = _perturbed(DiT(**TINY)).eval()
+    x, t, y = _inputs()
+    with torch.no_grad():
+        ref = model(x, t, y)
+        out = model.to(torch.bfloat16)(x.bfloat16(), t, y)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+
+
+def test_autocast_bfloat16():
+    model = _perturbed(DiT(**TINY)).eval()
+    x, t, y = _inputs()
+    with torch.no_grad():
+        ref = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, y)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+
+
+# ---------------------------------------------------------------- the four blocks
+
+def _param_count(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("block", BLOCK_TYPES)
+def test_blocks_forward_backward(block):
+    torch.manual_seed(0)
+    model = _perturbed(DiT(**TINY, block=block))
+    for p in model.parameters():  # non-trivial output layer for every block type
+        if p.requires_grad and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    x, t, y = _inputs()
+    out = model(x, t, y)
+    assert out.shape == (3, 8, 8, 8)
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # the output depends on the label and the timestep
+    with torch.no_grad():
+        other = model(x, t, (y + 1) % TINY["num_classes"])
+        later = model(x, (t + 100) % 1000, y)
+    assert not torch.allclose(out, other) and not torch.allclose(out, later)
+
+
+def test_block_extra_parameters():
+    D, depth = TINY["hidden_size"], TINY["depth"]
+    base = _param_count(DiT(**TINY, block="in-context"))
+    counts = {b: _param_count(DiT(**TINY, block=b)) for b in BLOCK_TYPES}
+    # in-context: standard ViT blocks (LayerNorm affines, 4·D per block) + a final LayerNorm affine.
+    plain = base - depth * 4 * D - 2 * D
+    assert counts["cross-attention"] - plain == depth * (6 * D + 4 * D * D + 4 * D) + 2 * D
+    assert counts["adaLN"] - plain == depth * (4 * D * D + 4 * D) + (2 * D * D + 2 * D)
+    assert counts["adaLN-Zero"] - plain == depth * (6 * D * D + 6 * D) + (2 * D * D + 2 * D)
+
+
+def test_in_context_removes_condition_tokens():
+    model = _perturbed(DiT(**TINY, block="in-context"))
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.05)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x, t, y = _inputs()
+    out = model(x, t, y)
+    assert seen[0][1] == (TINY["input_size"] // TINY["patch_size"]) ** 2 + 2
+    assert out.shape == (3, 8, 8, 8)
+
+
+def test_adaln_zero_is_identity_at_init():
+    # adaLN-Zero blocks start as the identity function (gates are zero); plain adaLN does not.
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, TINY["hidden_size"])
+    c = torch.randn(2, TINY["hidden_size"])
+    zero = DiT(**TINY, block="adaLN-Zero").blocks[0]
+    plain = DiT(**TINY, block="adaLN").blocks[0]
+    torch.testing.assert_close(zero(x, c), x)
+    assert not torch.allclose(plain(x, c), x)
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def tiny():
+    return DiT(**TINY).eval()
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((2, 3, 8, 8), "in_channels=4"),
+    ((2, 4, 16, 16), "input_size"),
+    ((2, 4, 8, 6), "input_size"),
+    ((4, 8, 8), "4-D"),
+])
+def test_bad_x(tiny, shape, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(torch.randn(shape), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("labels", [[0, 11], [-1, 0]])
+def test_labels_out_of_range(tiny, labels):
+    x, t, _ = _inputs(2)
+    with pytest.raises(ValueError, match="y must hold labels in"):
+        tiny(x, t, torch.tensor(labels))
+
+
+def test_null_class_allowed(tiny):
+    x, t, _ = _inputs(2)
+    tiny(x, t, torch.tensor([10, 3]))
+
+
+def test_bad_y(tiny):
+    x, t, _ = _inputs(2)
+    with pytest.raises(ValueError, match=r"y must be a tensor of shape \(2,\)"):
+        tiny(x, t, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="integer class labels"):
+        tiny(x, t, torch.tensor([1.0, 2.0]))
+
+
+def test_bad_t(tiny):
+    x, _, y = _inputs(2)
+    with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
+        tiny(x, torch.zeros(3), y)
+    with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
+        tiny(x, torch.zeros(2, 1), y)
+    # a scalar timestep is broadcast over the batch
+    torch.testing.assert_close(tiny(x, torch.tensor(5), y), tiny(x, torch.tensor([5, 5]), y))
+
+
+def test_odd_batch_with_cfg(tiny):
+    x, t, y = _inputs(3)
+    with pytest.raises(ValueError, match="even batch"):
+        tiny.forward_with_cfg(x, t, y, 4.0)
+    with pytest.raises(ValueError, match="guide_channels"):
+        tiny.forward_with_cfg(x[:2], t[:2], y[:2], 4.0, guide_channels=7)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(hidden_size=66, num_heads=4), r"hidden_size \(66\) must be divisible by num_heads \(4\)"),
+    (dict(input_size=9), r"input_size \(9\) must be divisible by patch_size \(2\)"),
+    (dict(block="adaLN-One"), "block must be one of"),
+    (dict(depth=0), "depth must be a positive int"),
+    (dict(class_dropout_prob=1.0), "class_dropout_prob"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiT(**{**TINY, **kwargs})
