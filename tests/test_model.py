@@ -2,8 +2,12 @@
 import pytest
 import torch
 
+import dit_fast
 from dit_fast import BLOCK_TYPES, DiT, DiT_models
 from dit_fast.models import DiT_configs
+
+# The golden comparisons run on the pure-PyTorch reference and on the default (fused) path.
+BACKENDS = ["reference", "auto"]
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 
@@ -48,18 +52,20 @@ def test_state_dict_keys_match_every_official_configuration(golden):
         assert got == {k: tuple(v) for k, v in shapes.items()}, key
 
 
-def test_forward_matches_official(golden):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_matches_official(golden, backend):
     for record in golden["models"]:
         model = _golden_model(record)
-        with torch.no_grad():
+        with torch.no_grad(), dit_fast.use_backend(backend):
             out = model(record["x"], record["t"], record["y"])
         torch.testing.assert_close(out, record["forward"], atol=1e-5, rtol=0)
 
 
-def test_forward_with_cfg_matches_official(golden):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_with_cfg_matches_official(golden, backend):
     for record in golden["models"]:
         model = _golden_model(record)
-        with torch.no_grad():
+        with torch.no_grad(), dit_fast.use_backend(backend):
             out = model.forward_with_cfg(record["cfg_x"], record["cfg_t"], record["cfg_y"], record["cfg_scale"])
         torch.testing.assert_close(out, record["forward_with_cfg"], atol=1e-5, rtol=0)
 

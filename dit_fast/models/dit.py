@@ -20,10 +20,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import ln_modulate
+
 BLOCK_TYPES = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")
 
 
 def modulate(x, shift, scale):
+    """The official modulate(); blocks call the fused `ln_modulate(x, shift, scale)` =
+    modulate(LayerNorm(x), shift, scale) instead."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -203,9 +207,10 @@ class DiTBlock(nn.Module):
         )
 
     def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (N, T, D)
+        # .to(x.dtype): under autocast the (N, 6D) modulation is bf16 while the residual stream is fp32
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).to(x.dtype).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(ln_modulate(x, shift_msa, scale_msa, self.norm1.eps))  # (N, T, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(ln_modulate(x, shift_mlp, scale_mlp, self.norm2.eps))   # (N, T, D)
         return x
 
 
@@ -226,9 +231,9 @@ class AdaLNBlock(nn.Module):
         )
 
     def forward(self, x, c):
-        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-        x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (N, T, D)
+        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).to(x.dtype).chunk(4, dim=1)
+        x = x + self.attn(ln_modulate(x, shift_msa, scale_msa, self.norm1.eps))  # (N, T, D)
+        x = x + self.mlp(ln_modulate(x, shift_mlp, scale_mlp, self.norm2.eps))   # (N, T, D)
         return x
 
 
@@ -298,8 +303,8 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         if self.adaptive:
-            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-            x = modulate(self.norm_final(x), shift, scale)   # (N, T, D)
+            shift, scale = self.adaLN_modulation(c).to(x.dtype).chunk(2, dim=1)
+            x = ln_modulate(x, shift, scale, self.norm_final.eps)  # (N, T, D)
         else:
             x = self.norm_final(x)                           # (N, T, D)
         return self.linear(x)                                # (N, T, p*p*C_out)

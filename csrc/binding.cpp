@@ -1,0 +1,141 @@
+// Torch binding of the CPU kernels: defines the `dit_fast` operator library and registers the
+// CPU implementations. CUDA implementations are registered by csrc/cuda/binding_cuda.cpp, built
+// into the separate extension dit_fast._C_cuda (which requires this one to be loaded first).
+//
+// Ops (y/dx/dshift/dscale have x's dtype; mean/rstd are float32, or float64 for float64 x):
+//   ln_modulate_fwd(Tensor x, Tensor shift, Tensor scale, float eps) -> (y, mean, rstd)
+//   ln_modulate_bwd(Tensor dy, Tensor x, Tensor scale, Tensor mean, Tensor rstd)
+//       -> (dx, dshift, dscale)
+// Fake (meta) kernels and autograd are registered from Python (dit_fast/ops/ln_modulate.py).
+
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "binding_utils.h"
+#include "cpu/isa.h"
+#include "cpu/ln_modulate.h"
+
+namespace dit_fast {
+namespace {
+
+using at::Tensor;
+
+std::tuple<Tensor, Tensor, Tensor> ln_modulate_fwd_cpu(const Tensor& x, const Tensor& shift,
+                                                       const Tensor& scale, double eps) {
+  binding::check_ln_modulate_fwd(x, shift, scale, eps, /*allow_half=*/false);
+  binding::check_device("dit_fast::ln_modulate_fwd", x, c10::DeviceType::CPU);
+  const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
+  Tensor y = at::empty({N, T, D}, x.options());
+  const auto st_opts = x.options().dtype(binding::stats_dtype(x.scalar_type()));
+  Tensor mean = at::empty({N, T}, st_opts);
+  Tensor rstd = at::empty({N, T}, st_opts);
+  const Status s = cpu::ln_modulate_fwd(
+      binding::to_dtype(x.scalar_type()), x.const_data_ptr(), shift.const_data_ptr(),
+      binding::row_stride(shift, D), scale.const_data_ptr(), binding::row_stride(scale, D),
+      y.mutable_data_ptr(), mean.mutable_data_ptr(), rstd.mutable_data_ptr(), N, T, D, eps,
+      at::get_num_threads());
+  TORCH_CHECK(s == Status::kOk, "dit_fast::ln_modulate_fwd (cpu): ", status_name(s));
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> ln_modulate_bwd_cpu(const Tensor& dy, const Tensor& x,
+                                                       const Tensor& scale, const Tensor& mean,
+                                                       const Tensor& rstd) {
+  binding::check_ln_modulate_bwd(dy, x, scale, mean, rstd, /*allow_half=*/false);
+  binding::check_device("dit_fast::ln_modulate_bwd", x, c10::DeviceType::CPU);
+  const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
+  Tensor dx = at::empty({N, T, D}, x.options());
+  Tensor dshift = at::empty({N, D}, x.options());
+  Tensor dscale = at::empty({N, D}, x.options());
+  const Status s = cpu::ln_modulate_bwd(
+      binding::to_dtype(x.scalar_type()), dy.const_data_ptr(), x.const_data_ptr(),
+      scale.const_data_ptr(), binding::row_stride(scale, D), mean.const_data_ptr(),
+      rstd.const_data_ptr(), dx.mutable_data_ptr(), dshift.mutable_data_ptr(),
+      dscale.mutable_data_ptr(), N, T, D, at::get_num_threads());
+  TORCH_CHECK(s == Status::kOk, "dit_fast::ln_modulate_bwd (cpu): ", status_name(s));
+  return {dx, dshift, dscale};
+}
+
+}  // namespace
+}  // namespace dit_fast
+
+TORCH_LIBRARY(dit_fast, m) {
+  m.def("ln_modulate_fwd(Tensor x, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ln_modulate_bwd(Tensor dy, Tensor x, Tensor scale, Tensor mean, Tensor rstd) -> (Tensor, "
+      "Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dit_fast, CPU, m) {
+  m.impl("ln_modulate_fwd", &dit_fast::ln_modulate_fwd_cpu);
+  m.impl("ln_modulate_bwd", &dit_fast::ln_modulate_bwd_cpu);
+}
+
+// ---- Python module `dit_fast._C`: importing it registers the ops above; a few CPU-runtime
+// helpers are exposed for tests and benchmarks. (Plain CPython API: no pybind11 compile cost.)
+
+namespace {
+
+PyObject* py_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(dit_fast::cpu::isa_name(dit_fast::cpu::active_isa()));
+}
+
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  dit_fast::cpu::Isa isa;
+  if (!dit_fast::cpu::parse_isa(name, &isa)) {
+    PyErr_Format(PyExc_ValueError, "unknown CPU ISA '%s' (expected auto, generic or avx2)", name);
+    return nullptr;
+  }
+  const char* prev = dit_fast::cpu::isa_name(dit_fast::cpu::requested_isa());
+  if (!dit_fast::cpu::set_isa(isa)) {
+    PyErr_Format(PyExc_ValueError, "CPU ISA '%s' is not supported on this machine/build", name);
+    return nullptr;
+  }
+  return PyUnicode_FromString(prev);
+}
+
+PyObject* py_supported_cpu_isas(PyObject*, PyObject*) {
+  using dit_fast::cpu::Isa;
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  for (Isa isa : {Isa::kGeneric, Isa::kAvx2}) {
+    if (!dit_fast::cpu::isa_supported(isa)) continue;
+    PyObject* s = PyUnicode_FromString(dit_fast::cpu::isa_name(isa));
+    if (s == nullptr || PyList_Append(out, s) != 0) {
+      Py_XDECREF(s);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(s);
+  }
+  return out;
+}
+
+PyObject* py_has_openmp(PyObject*, PyObject*) {
+  return PyBool_FromLong(dit_fast::cpu::has_openmp() ? 1 : 0);
+}
+
+PyMethodDef kMethods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "ISA used by the CPU kernels now ('generic' or 'avx2')."},
+    {"set_cpu_isa", py_set_cpu_isa, METH_O,
+     "Force the CPU kernels' ISA ('auto', 'generic', 'avx2'); returns the previous request."},
+    {"supported_cpu_isas", py_supported_cpu_isas, METH_NOARGS,
+     "ISAs this build and CPU can run, e.g. ['generic', 'avx2']."},
+    {"has_openmp", py_has_openmp, METH_NOARGS, "Whether the CPU kernels were built with OpenMP."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
+                       "dit_fast C++ CPU kernels (registers torch.ops.dit_fast.*).", -1, kMethods,
+                       nullptr, nullptr, nullptr, nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }

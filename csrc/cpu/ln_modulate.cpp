@@ -1,0 +1,386 @@
+// CPU implementation of the fused LayerNorm + adaLN modulation (see ln_modulate.h).
+//
+// Parallelism: OpenMP over rows (forward) or over (n, token-chunk) work items (backward).
+// Vectorization: inner loops over D are `omp simd` loops on fp32/fp64 rows; bf16 rows are first
+// widened into a per-thread fp32 scratch row. Every row routine is instantiated for the generic
+// ISA and (on x86) for AVX2+FMA, selected at run time (cpu/isa.h).
+// Determinism: the backward's token chunking depends only on the shape, and partial sums are
+// reduced in a fixed order, so results are independent of the number of threads.
+
+#include "cpu/ln_modulate.h"
+
+#include <algorithm>
+#include <memory>
+#include <type_traits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "common/bf16.h"
+#include "common/ln_modulate.h"
+#include "common/macros.h"
+#include "cpu/isa.h"
+
+namespace dit_fast {
+namespace cpu {
+namespace {
+
+namespace lnm = ::dit_fast::ln_modulate;
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+// ---- row load / store (widening to the accumulator type) ----------------------------------
+
+DIT_FORCEINLINE void load_row(const bf16* src, float* dst, int64_t n) {
+  DIT_OMP_SIMD
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(src[i].bits);
+}
+DIT_FORCEINLINE void store_row(const float* src, bf16* dst, int64_t n) {
+  DIT_OMP_SIMD
+  for (int64_t i = 0; i < n; ++i) dst[i].bits = float_to_bf16_bits(src[i]);
+}
+template <typename A>
+DIT_FORCEINLINE void store_row(const A* src, A* dst, int64_t n) {
+  DIT_OMP_SIMD
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+// Returns a pointer to the row in the accumulator type: the row itself when no widening is
+// needed, else `scratch` filled with the widened row.
+template <typename T>
+DIT_FORCEINLINE const acc_t<T>* widen(const T* src, acc_t<T>* scratch, int64_t n) {
+  if constexpr (std::is_same<T, acc_t<T>>::value) {
+    (void)scratch;
+    (void)n;
+    return src;
+  } else {
+    load_row(src, scratch, n);
+    return scratch;
+  }
+}
+
+// ---- per-row / per-chunk routines (force-inlined into each ISA wrapper) --------------------
+
+struct FwdArgs {
+  const void* x;
+  const void* shift;
+  int64_t shift_stride;
+  const void* scale;
+  int64_t scale_stride;
+  void* y;
+  void* mean;
+  void* rstd;
+  int64_t T;
+  int64_t D;
+  double eps;
+};
+
+// Per-thread scratch: 3 * D accumulator elements (x row, shift row, scale row) and the batch
+// index whose shift/scale rows are currently widened there (rows of one batch entry are
+// consecutive, so reduced-precision shift/scale are widened once per batch entry, not per row).
+struct Scratch {
+  void* buf;
+  int64_t cached_n;
+};
+
+template <typename T>
+DIT_FORCEINLINE void fwd_row_impl(const FwdArgs& a, int64_t row, Scratch& s) {
+  using A = acc_t<T>;
+  const int64_t D = a.D;
+  const int64_t n = row / a.T;
+  A* scratch = static_cast<A*>(s.buf);
+  const A* xr = widen(static_cast<const T*>(a.x) + row * D, scratch, D);
+  const A* sh;
+  const A* sc;
+  if constexpr (std::is_same<T, A>::value) {
+    sh = static_cast<const T*>(a.shift) + n * a.shift_stride;
+    sc = static_cast<const T*>(a.scale) + n * a.scale_stride;
+  } else {
+    if (s.cached_n != n) {
+      load_row(static_cast<const T*>(a.shift) + n * a.shift_stride, scratch + D, D);
+      load_row(static_cast<const T*>(a.scale) + n * a.scale_stride, scratch + 2 * D, D);
+      s.cached_n = n;
+    }
+    sh = scratch + D;
+    sc = scratch + 2 * D;
+  }
+
+  A mean, var;
+  lnm::row_mean_var<A>(xr, D, mean, var);
+  const A rstd = lnm::rstd_from_var<A>(var, static_cast<A>(a.eps));
+  static_cast<A*>(a.mean)[row] = mean;
+  static_cast<A*>(a.rstd)[row] = rstd;
+
+  T* yr = static_cast<T*>(a.y) + row * D;
+  if constexpr (std::is_same<T, A>::value) {
+    DIT_OMP_SIMD
+    for (int64_t d = 0; d < D; ++d) yr[d] = lnm::forward_elem<A>(xr[d], mean, rstd, sh[d], sc[d]);
+  } else {
+    A* out = scratch;  // in place over the widened x row (element d is read before it is written)
+    DIT_OMP_SIMD
+    for (int64_t d = 0; d < D; ++d) out[d] = lnm::forward_elem<A>(xr[d], mean, rstd, sh[d], sc[d]);
+    store_row(out, yr, D);
+  }
+}
+
+struct BwdArgs {
+  const void* dy;
+  const void* x;
+  const void* scale;
+  int64_t scale_stride;
+  const void* mean;
+  const void* rstd;
+  void* dx;
+  int64_t T;
+  int64_t D;
+};
+
+// Rows t in [t0, t1) of batch n: writes dx, accumulates sum_t dy into acc_dshift and
+// sum_t dy * xhat into acc_dscale (both D accumulator elements, pre-zeroed by the caller).
+// scratch: 3 * D accumulator elements.
+template <typename T>
+DIT_FORCEINLINE void bwd_chunk_impl(const BwdArgs& a, int64_t n, int64_t t0, int64_t t1,
+                                    acc_t<T>* acc_dshift, acc_t<T>* acc_dscale, void* scratch_v) {
+  using A = acc_t<T>;
+  const int64_t D = a.D;
+  A* scratch = static_cast<A*>(scratch_v);
+  const A* sc = widen(static_cast<const T*>(a.scale) + n * a.scale_stride, scratch + 2 * D, D);
+  const A inv_d = D > 0 ? A(1) / static_cast<A>(D) : A(0);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t row = n * a.T + t;
+    const A* xr = widen(static_cast<const T*>(a.x) + row * D, scratch, D);
+    const A* dyr = widen(static_cast<const T*>(a.dy) + row * D, scratch + D, D);
+    const A mean = static_cast<const A*>(a.mean)[row];
+    const A rstd = static_cast<const A*>(a.rstd)[row];
+
+    A sum_g = A(0), sum_gx = A(0);
+    DIT_OMP_SIMD_SUM(sum_g, sum_gx)
+    for (int64_t d = 0; d < D; ++d) {
+      const A xh = lnm::normalize<A>(xr[d], mean, rstd);
+      const A g = lnm::grad_xhat<A>(dyr[d], sc[d]);
+      sum_g += g;
+      sum_gx += g * xh;
+      acc_dshift[d] += dyr[d];
+      acc_dscale[d] += dyr[d] * xh;
+    }
+    const A mean_g = sum_g * inv_d;
+    const A mean_gx = sum_gx * inv_d;
+
+    T* dxr = static_cast<T*>(a.dx) + row * D;
+    if constexpr (std::is_same<T, A>::value) {
+      DIT_OMP_SIMD
+      for (int64_t d = 0; d < D; ++d) {
+        const A xh = lnm::normalize<A>(xr[d], mean, rstd);
+        dxr[d] = lnm::grad_x<A>(lnm::grad_xhat<A>(dyr[d], sc[d]), xh, rstd, mean_g, mean_gx);
+      }
+    } else {
+      A* out = scratch + D;  // in place over the widened dy row
+      DIT_OMP_SIMD
+      for (int64_t d = 0; d < D; ++d) {
+        const A xh = lnm::normalize<A>(xr[d], mean, rstd);
+        out[d] = lnm::grad_x<A>(lnm::grad_xhat<A>(dyr[d], sc[d]), xh, rstd, mean_g, mean_gx);
+      }
+      store_row(out, dxr, D);
+    }
+  }
+}
+
+// ---- ISA clones ---------------------------------------------------------------------------
+
+template <typename T>
+using FwdRowFn = void (*)(const FwdArgs&, int64_t, Scratch&);
+template <typename T>
+using BwdChunkFn = void (*)(const BwdArgs&, int64_t, int64_t, int64_t, acc_t<T>*, acc_t<T>*,
+                            void*);
+
+template <typename T>
+void fwd_row_generic(const FwdArgs& a, int64_t row, Scratch& s) {
+  fwd_row_impl<T>(a, row, s);
+}
+template <typename T>
+void bwd_chunk_generic(const BwdArgs& a, int64_t n, int64_t t0, int64_t t1, acc_t<T>* ds,
+                       acc_t<T>* dc, void* s) {
+  bwd_chunk_impl<T>(a, n, t0, t1, ds, dc, s);
+}
+
+#if DIT_CPU_HAVE_AVX2_PATH
+template <typename T>
+DIT_TARGET_AVX2 void fwd_row_avx2(const FwdArgs& a, int64_t row, Scratch& s) {
+  fwd_row_impl<T>(a, row, s);
+}
+template <typename T>
+DIT_TARGET_AVX2 void bwd_chunk_avx2(const BwdArgs& a, int64_t n, int64_t t0, int64_t t1,
+                                    acc_t<T>* ds, acc_t<T>* dc, void* s) {
+  bwd_chunk_impl<T>(a, n, t0, t1, ds, dc, s);
+}
+#endif
+
+template <typename T>
+FwdRowFn<T> pick_fwd() {
+#if DIT_CPU_HAVE_AVX2_PATH
+  if (active_isa() == Isa::kAvx2) return &fwd_row_avx2<T>;
+#endif
+  return &fwd_row_generic<T>;
+}
+template <typename T>
+BwdChunkFn<T> pick_bwd() {
+#if DIT_CPU_HAVE_AVX2_PATH
+  if (active_isa() == Isa::kAvx2) return &bwd_chunk_avx2<T>;
+#endif
+  return &bwd_chunk_generic<T>;
+}
+
+// ---- drivers ------------------------------------------------------------------------------
+
+// Below this many elements the kernels run single-threaded (fork/join costs more than it saves).
+constexpr int64_t kParallelMinElems = int64_t(1) << 15;
+
+int resolve_threads(int num_threads, int64_t work_items, int64_t elems) {
+#ifdef _OPENMP
+  int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+  if (elems < kParallelMinElems) nt = 1;
+  if (work_items < nt) nt = static_cast<int>(std::max<int64_t>(work_items, 1));
+  return std::max(nt, 1);
+#else
+  (void)num_threads;
+  (void)work_items;
+  (void)elems;
+  return 1;
+#endif
+}
+
+template <typename T>
+void fwd_driver(const FwdArgs& a, int64_t N, int num_threads) {
+  using A = acc_t<T>;
+  const int64_t rows = N * a.T;
+  const FwdRowFn<T> fn = pick_fwd<T>();
+  const int nt = resolve_threads(num_threads, rows, rows * a.D);
+  const int64_t scratch_elems = std::max<int64_t>(3 * a.D, 1);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    std::unique_ptr<A[]> buf(new A[scratch_elems]);
+    Scratch scratch{buf.get(), -1};
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t r = 0; r < rows; ++r) fn(a, r, scratch);
+  }
+  (void)nt;
+}
+
+// Token chunking for the backward's (n, chunk) work items. Depends only on the shape: aim for
+// >= 64 work items in total, but keep at least 8 tokens per chunk.
+int64_t bwd_chunks_per_batch(int64_t N, int64_t T) {
+  if (T <= 0) return 1;
+  const int64_t want = (64 + N - 1) / std::max<int64_t>(N, 1);
+  const int64_t max_chunks = std::max<int64_t>((T + 7) / 8, 1);
+  return std::max<int64_t>(1, std::min(want, max_chunks));
+}
+
+template <typename T>
+void bwd_driver(const BwdArgs& a, int64_t N, T* dshift, T* dscale, int num_threads) {
+  using A = acc_t<T>;
+  const int64_t D = a.D, Tn = a.T;
+  const int64_t C = bwd_chunks_per_batch(N, Tn);
+  const int64_t chunk = Tn > 0 ? (Tn + C - 1) / C : 0;
+  const int64_t items = N * C;
+  // partial[(n * C + c) * 2D + {0, D} + d] = per-chunk sums for dshift / dscale.
+  std::unique_ptr<A[]> partial(new A[std::max<int64_t>(items * 2 * D, 1)]);
+  const BwdChunkFn<T> fn = pick_bwd<T>();
+  const int nt = resolve_threads(num_threads, items, N * Tn * D);
+  const int64_t scratch_elems = std::max<int64_t>(3 * D, 1);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    std::unique_ptr<A[]> scratch(new A[scratch_elems]);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t n = it / C, c = it % C;
+      A* ds = partial.get() + it * 2 * D;
+      A* dc = ds + D;
+      std::fill(ds, ds + 2 * D, A(0));
+      const int64_t t0 = std::min(c * chunk, Tn), t1 = std::min(t0 + chunk, Tn);
+      fn(a, n, t0, t1, ds, dc, scratch.get());
+    }
+    // Fixed-order reduction over chunks, parallel over batch entries.
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t n = 0; n < N; ++n) {
+      A* acc = scratch.get();  // 2 * D <= 3 * D
+      const A* p0 = partial.get() + n * C * 2 * D;
+      std::copy(p0, p0 + 2 * D, acc);
+      for (int64_t c = 1; c < C; ++c) {
+        const A* p = p0 + c * 2 * D;
+        DIT_OMP_SIMD
+        for (int64_t d = 0; d < 2 * D; ++d) acc[d] += p[d];
+      }
+      store_row(acc, dshift + n * D, D);
+      store_row(acc + D, dscale + n * D, D);
+    }
+  }
+  (void)nt;
+}
+
+bool valid_sizes(int64_t N, int64_t T, int64_t D, int64_t s1, int64_t s2) {
+  return N >= 0 && T >= 0 && D >= 0 && s1 >= 0 && s2 >= 0;
+}
+
+}  // namespace
+
+Status ln_modulate_fwd(DType dtype, const void* x, const void* shift, int64_t shift_row_stride,
+                       const void* scale, int64_t scale_row_stride, void* y, void* mean, void* rstd,
+                       int64_t N, int64_t T, int64_t D, double eps, int num_threads) {
+  if (!valid_sizes(N, T, D, shift_row_stride, scale_row_stride) || !(eps >= 0.0))
+    return Status::kInvalidArgument;
+  if (N * T == 0) return Status::kOk;
+  const FwdArgs a{x, shift, shift_row_stride, scale, scale_row_stride, y, mean, rstd, T, D, eps};
+  switch (dtype) {
+    case DType::kFloat32: fwd_driver<float>(a, N, num_threads); return Status::kOk;
+    case DType::kFloat64: fwd_driver<double>(a, N, num_threads); return Status::kOk;
+    case DType::kBFloat16: fwd_driver<bf16>(a, N, num_threads); return Status::kOk;
+    default: return Status::kUnsupportedDType;
+  }
+}
+
+Status ln_modulate_bwd(DType dtype, const void* dy, const void* x, const void* scale,
+                       int64_t scale_row_stride, const void* mean, const void* rstd, void* dx,
+                       void* dshift, void* dscale, int64_t N, int64_t T, int64_t D,
+                       int num_threads) {
+  if (!valid_sizes(N, T, D, scale_row_stride, 0)) return Status::kInvalidArgument;
+  if (N * D == 0) return Status::kOk;  // nothing to write (dx is empty too)
+  const BwdArgs a{dy, x, scale, scale_row_stride, mean, rstd, dx, T, D};
+  switch (dtype) {
+    case DType::kFloat32:
+      bwd_driver<float>(a, N, static_cast<float*>(dshift), static_cast<float*>(dscale),
+                        num_threads);
+      return Status::kOk;
+    case DType::kFloat64:
+      bwd_driver<double>(a, N, static_cast<double*>(dshift), static_cast<double*>(dscale),
+                         num_threads);
+      return Status::kOk;
+    case DType::kBFloat16:
+      bwd_driver<bf16>(a, N, static_cast<bf16*>(dshift), static_cast<bf16*>(dscale),
+                       num_threads);
+      return Status::kOk;
+    default: return Status::kUnsupportedDType;
+  }
+}
+
+}  // namespace cpu
+}  // namespace dit_fast

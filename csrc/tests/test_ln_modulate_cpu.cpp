@@ -1,0 +1,247 @@
+// CPU ln_modulate kernels vs a naive double-precision reference: forward (y, mean, rstd) and
+// backward (dx, dshift, dscale), for fp32 / fp64 / bf16, every compiled ISA path, strided
+// shift/scale rows, edge shapes, and thread-count independence (bitwise).
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "common/bf16.h"
+#include "cpu/isa.h"
+#include "cpu/ln_modulate.h"
+#include "tests/check.h"
+
+using namespace dit_fast;
+
+template <typename T>
+struct Traits;
+template <>
+struct Traits<float> {
+  using A = float;
+  static constexpr DType dtype = DType::kFloat32;
+  static float from(double v) { return static_cast<float>(v); }
+  static double to(float v) { return v; }
+  static constexpr double fwd_tol = 1e-5, bwd_tol = 2e-5;  // relative to the row/tensor scale
+};
+template <>
+struct Traits<double> {
+  using A = double;
+  static constexpr DType dtype = DType::kFloat64;
+  static double from(double v) { return v; }
+  static double to(double v) { return v; }
+  static constexpr double fwd_tol = 1e-12, bwd_tol = 1e-11;
+};
+template <>
+struct Traits<bf16> {
+  using A = float;
+  static constexpr DType dtype = DType::kBFloat16;
+  static bf16 from(double v) { return to_bf16(static_cast<float>(v)); }
+  static double to(bf16 v) { return to_float(v); }
+  static constexpr double fwd_tol = 1.0 / 256, bwd_tol = 1.0 / 128;
+};
+
+struct Case {
+  int64_t N, T, D, stride_mult;  // shift/scale row stride = stride_mult * D
+};
+
+template <typename T>
+struct Data {
+  using A = typename Traits<T>::A;
+  int64_t N, T_, D, srs;
+  std::vector<T> x, dy, mod;  // mod: (N, srs) holding shift at column 0 and scale at column D
+  std::vector<double> xd, dyd, shiftd, scaled;  // exact values of the stored inputs
+};
+
+template <typename T>
+Data<T> make_data(const Case& c, uint32_t seed) {
+  using Tr = Traits<T>;
+  Data<T> d;
+  d.N = c.N, d.T_ = c.T, d.D = c.D;
+  d.srs = std::max<int64_t>(c.stride_mult * c.D, 2 * c.D);
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  const int64_t rows = c.N * c.T;
+  d.x.resize(rows * c.D), d.dy.resize(rows * c.D), d.mod.resize(c.N * d.srs);
+  for (int64_t r = 0; r < rows; ++r) {
+    const double off = 3.0 * nd(rng), sc = std::exp(nd(rng));  // non-trivial mean and scale
+    for (int64_t i = 0; i < c.D; ++i) d.x[r * c.D + i] = Tr::from(off + sc * nd(rng));
+  }
+  for (auto& v : d.dy) v = Tr::from(nd(rng));
+  for (auto& v : d.mod) v = Tr::from(0.5 * nd(rng));
+  for (auto& v : d.x) d.xd.push_back(Tr::to(v));
+  for (auto& v : d.dy) d.dyd.push_back(Tr::to(v));
+  d.shiftd.resize(c.N * c.D), d.scaled.resize(c.N * c.D);
+  for (int64_t n = 0; n < c.N; ++n)
+    for (int64_t i = 0; i < c.D; ++i) {
+      d.shiftd[n * c.D + i] = Tr::to(d.mod[n * d.srs + i]);
+      d.scaled[n * c.D + i] = Tr::to(d.mod[n * d.srs + c.D + i]);
+    }
+  return d;
+}
+
+struct Ref {
+  std::vector<double> y, mean, rstd, dx, dshift, dscale;
+  double dx_scale = 0;  // max |rstd * g|: the natural magnitude of dx (dx itself can be ~0, D=1)
+};
+
+Ref reference(int64_t N, int64_t T, int64_t D, const std::vector<double>& x,
+              const std::vector<double>& dy, const std::vector<double>& shift,
+              const std::vector<double>& scale, double eps) {
+  Ref r;
+  r.y.assign(N * T * D, 0), r.dx.assign(N * T * D, 0), r.mean.assign(N * T, 0),
+      r.rstd.assign(N * T, 0), r.dshift.assign(N * D, 0), r.dscale.assign(N * D, 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t row = n * T + t;
+      const double* xr = &x[row * D];
+      const double* dyr = &dy[row * D];
+      double m = 0, v = 0;
+      for (int64_t i = 0; i < D; ++i) m += xr[i];
+      m /= D;
+      for (int64_t i = 0; i < D; ++i) v += (xr[i] - m) * (xr[i] - m);
+      v /= D;
+      const double rs = 1.0 / std::sqrt(v + eps);
+      r.mean[row] = m, r.rstd[row] = rs;
+      double sg = 0, sgx = 0;
+      for (int64_t i = 0; i < D; ++i) {
+        const double xh = (xr[i] - m) * rs, a = 1.0 + scale[n * D + i];
+        r.y[row * D + i] = xh * a + shift[n * D + i];
+        sg += dyr[i] * a, sgx += dyr[i] * a * xh;
+        r.dshift[n * D + i] += dyr[i];
+        r.dscale[n * D + i] += dyr[i] * xh;
+      }
+      for (int64_t i = 0; i < D; ++i) {
+        const double xh = (xr[i] - m) * rs, g = dyr[i] * (1.0 + scale[n * D + i]);
+        r.dx[row * D + i] = rs * (g - sg / D - xh * sgx / D);
+        r.dx_scale = std::max(r.dx_scale, std::fabs(rs * g));
+      }
+    }
+  return r;
+}
+
+// max |got - want| / max(max |want|, min_mag), over one tensor.
+template <typename V>
+double rel_err(const std::vector<V>& got, const std::vector<double>& want, double (*to)(V),
+               double min_mag = 1e-30) {
+  double err = 0, mag = min_mag;
+  for (size_t i = 0; i < want.size(); ++i) {
+    err = std::max(err, std::fabs(to(got[i]) - want[i]));
+    mag = std::max(mag, std::fabs(want[i]));
+  }
+  return want.empty() ? 0 : err / mag;
+}
+template <typename V>
+double as_double(V v) {
+  return static_cast<double>(v);
+}
+
+template <typename T>
+struct Out {
+  using A = typename Traits<T>::A;
+  std::vector<T> y, dx, dshift, dscale;
+  std::vector<A> mean, rstd;
+};
+
+template <typename T>
+Out<T> run(const Data<T>& d, double eps, int threads) {
+  using A = typename Traits<T>::A;
+  const int64_t N = d.N, Tn = d.T_, D = d.D;
+  Out<T> o;
+  o.y.resize(N * Tn * D), o.dx.resize(N * Tn * D), o.dshift.resize(N * D), o.dscale.resize(N * D);
+  o.mean.resize(N * Tn), o.rstd.resize(N * Tn);
+  const T* shift = d.mod.data();
+  const T* scale = d.mod.data() + D;
+  Status s = cpu::ln_modulate_fwd(Traits<T>::dtype, d.x.data(), shift, d.srs, scale, d.srs,
+                                  o.y.data(), o.mean.data(), o.rstd.data(), N, Tn, D, eps, threads);
+  CHECK(s == Status::kOk, "fwd status %s", status_name(s));
+  s = cpu::ln_modulate_bwd(Traits<T>::dtype, d.dy.data(), d.x.data(), scale, d.srs, o.mean.data(),
+                           o.rstd.data(), o.dx.data(), o.dshift.data(), o.dscale.data(), N, Tn, D,
+                           threads);
+  CHECK(s == Status::kOk, "bwd status %s", status_name(s));
+  (void)sizeof(A);
+  return o;
+}
+
+template <typename T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
+template <typename T>
+void test_case(const Case& c, const char* tname, uint32_t seed) {
+  using Tr = Traits<T>;
+  const double eps = 1e-6;
+  Data<T> d = make_data<T>(c, seed);
+  Ref r = reference(c.N, c.T, c.D, d.xd, d.dyd, d.shiftd, d.scaled, eps);
+  Out<T> o = run(d, eps, 1);
+  double (*to)(T) = &Tr::to;
+  using A = typename Tr::A;
+  const double e_y = rel_err(o.y, r.y, to), e_m = rel_err(o.mean, r.mean, &as_double<A>),
+               e_r = rel_err(o.rstd, r.rstd, &as_double<A>), e_dx = rel_err(o.dx, r.dx, to, r.dx_scale),
+               e_ds = rel_err(o.dshift, r.dshift, to), e_dc = rel_err(o.dscale, r.dscale, to);
+  const char* isa = cpu::isa_name(cpu::active_isa());
+#define EXPECT_ERR(e, tol, what)                                                              \
+  CHECK((e) <= (tol), "%s %s N=%lld T=%lld D=%lld stride=%lld: %s rel err %.3g > %.3g", tname, \
+        isa, (long long)c.N, (long long)c.T, (long long)c.D, (long long)c.stride_mult, what,   \
+        (e), (tol))
+  EXPECT_ERR(e_y, Tr::fwd_tol, "y");
+  EXPECT_ERR(e_m, Tr::fwd_tol, "mean");
+  EXPECT_ERR(e_r, Tr::fwd_tol, "rstd");
+  EXPECT_ERR(e_dx, Tr::bwd_tol, "dx");
+  EXPECT_ERR(e_ds, Tr::bwd_tol, "dshift");
+  EXPECT_ERR(e_dc, Tr::bwd_tol, "dscale");
+#undef EXPECT_ERR
+  // Thread-count independence: bitwise identical with 2 and 3 threads.
+  for (int threads : {2, 3}) {
+    Out<T> o2 = run(d, eps, threads);
+    CHECK(same_bits(o.y, o2.y) && same_bits(o.dx, o2.dx) && same_bits(o.dshift, o2.dshift) &&
+              same_bits(o.dscale, o2.dscale) && same_bits(o.mean, o2.mean) &&
+              same_bits(o.rstd, o2.rstd),
+          "%s %s N=%lld T=%lld D=%lld: results differ with %d threads", tname, isa,
+          (long long)c.N, (long long)c.T, (long long)c.D, threads);
+  }
+}
+
+int main() {
+  const Case cases[] = {
+      {1, 1, 1, 1},     {1, 1, 72, 1},   {3, 7, 72, 6},    {1, 257, 72, 1}, {2, 3, 1000, 2},
+      {3, 7, 1152, 6},  {1, 257, 1152, 6}, {3, 1, 1152, 1}, {70, 2, 33, 6},  {2, 0, 16, 1},
+      {0, 4, 16, 1},    {4, 9, 17, 1},
+  };
+  std::vector<cpu::Isa> isas = {cpu::Isa::kGeneric};
+  if (cpu::isa_supported(cpu::Isa::kAvx2)) isas.push_back(cpu::Isa::kAvx2);
+  std::printf("openmp=%d default_threads=%d auto_isa=%s\n", (int)cpu::has_openmp(),
+              cpu::default_num_threads(), cpu::isa_name(cpu::active_isa()));
+  for (cpu::Isa isa : isas) {
+    CHECK(cpu::set_isa(isa), "set_isa(%s)", cpu::isa_name(isa));
+    uint32_t seed = 1;
+    for (const Case& c : cases) {
+      test_case<float>(c, "float32", seed);
+      test_case<double>(c, "float64", seed);
+      test_case<bf16>(c, "bfloat16", seed);
+      ++seed;
+    }
+  }
+  cpu::set_isa(cpu::Isa::kAuto);
+  // Argument validation.
+  float buf[4] = {0, 0, 0, 0};
+  CHECK(cpu::ln_modulate_fwd(DType::kFloat16, buf, buf, 1, buf, 1, buf, buf, buf, 1, 1, 1, 1e-6) ==
+            Status::kUnsupportedDType,
+        "float16 must be rejected on CPU");
+  CHECK(cpu::ln_modulate_fwd(DType::kFloat32, buf, buf, 1, buf, 1, buf, buf, buf, -1, 1, 1, 1e-6) ==
+            Status::kInvalidArgument,
+        "negative N must be rejected");
+  CHECK(cpu::ln_modulate_fwd(DType::kFloat32, buf, buf, 1, buf, 1, buf, buf, buf, 1, 1, 1, -1.0) ==
+            Status::kInvalidArgument,
+        "negative eps must be rejected");
+  // Zero variance row: y == shift exactly (xhat == 0), rstd == 1/sqrt(eps).
+  {
+    float x[4] = {2, 2, 2, 2}, sh[4] = {1, 2, 3, 4}, sc[4] = {5, 6, 7, 8}, y[4], m, rs;
+    cpu::ln_modulate_fwd(DType::kFloat32, x, sh, 4, sc, 4, y, &m, &rs, 1, 1, 4, 1e-6);
+    CHECK(y[0] == 1 && y[1] == 2 && y[2] == 3 && y[3] == 4 && m == 2, "constant row");
+    CHECK(std::fabs(rs - 1000.0f) < 1e-2f, "rstd of constant row = %g", rs);
+  }
+  return dit_test::finish("test_ln_modulate_cpu");
+}

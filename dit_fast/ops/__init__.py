@@ -1,0 +1,9 @@
+"""Fused operators with pluggable backends (see dit_fast._backends).
+
+Each op module registers the backends it implements with `dit_fast._backends.register_op` and
+exposes a public function plus a pure-PyTorch reference (`*_ref`) used as the ground truth in tests.
+"""
+
+from .ln_modulate import ln_modulate, ln_modulate_ref
+
+__all__ = ["ln_modulate", "ln_modulate_ref"]

@@ -1,0 +1,195 @@
+"""dit_fast._backends: the report, DIT_FAST_BACKEND, use_backend, register_op and select."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import dit_fast
+from dit_fast import _backends
+from dit_fast._backends import BACKENDS, BackendInfo, backends, select, use_backend
+
+OP = "ln_modulate"
+HAS_C = _backends._probe("cpu") is None
+
+
+@pytest.fixture(autouse=True)
+def _auto_env(monkeypatch):
+    """Each test starts from automatic selection, whatever the caller's environment says."""
+    monkeypatch.delenv(_backends.ENV_VAR, raising=False)
+
+
+@pytest.fixture
+def temp_op():
+    """Registers throwaway ops and removes them afterwards."""
+    names = []
+
+    def register(name, impls):
+        names.append(name)
+        _backends.register_op(name, impls)
+        return name
+
+    yield register
+    for name in names:
+        _backends._OPS.pop(name, None)
+    _backends._auto_cache.clear()
+
+
+# ---- backends() report ----------------------------------------------------------------------
+
+def test_report_structure():
+    report = backends()
+    assert list(report) == list(BACKENDS) == ["reference", "cpu", "triton", "cuda"]
+    for name, info in report.items():
+        assert isinstance(info, BackendInfo) and info.name == name
+        assert isinstance(info.available, bool)
+        assert (info.reason is None) == info.available
+        assert info.reason is None or (isinstance(info.reason, str) and info.reason)
+        assert isinstance(info.ops, tuple)
+        assert name in str(info)
+    assert report["reference"].available and report["reference"].device_types is None
+    assert report["cpu"].device_types == ("cpu",)
+    assert report["cuda"].device_types == report["triton"].device_types == ("cuda",)
+    # ln_modulate is registered for reference / cpu / cuda (no Triton kernel yet)
+    for name in ("reference", "cpu", "cuda"):
+        assert OP in report[name].ops
+    assert OP not in report["triton"].ops
+
+
+def test_report_reasons_match_this_machine():
+    report = backends(refresh=True)
+    assert report["cpu"].available == HAS_C
+    if not HAS_C:
+        assert report["cpu"].reason.startswith("dit_fast._C not built")
+    if importlib.util.find_spec("triton") is None:
+        assert "triton not installed" in report["triton"].reason
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in report["triton"].reason
+        assert "no CUDA device" in report["cuda"].reason
+        assert not report["cuda"].available
+
+
+def test_package_reexports_if_present():
+    # dit_fast/__init__.py re-exports backends/use_backend (owned by another module's author).
+    if hasattr(dit_fast, "backends"):
+        assert dit_fast.backends is backends
+    if hasattr(dit_fast, "use_backend"):
+        assert dit_fast.use_backend is use_backend
+
+
+# ---- auto selection -------------------------------------------------------------------------
+
+def test_auto_picks_fastest_available_for_device():
+    x = torch.empty(2, 3, 4)
+    assert _backends.requested_backend() == "auto"
+    assert select(OP, x) == ("cpu" if HAS_C else "reference")
+    assert select(OP, x.to(torch.float16)) == "reference"  # no fp16 CPU kernel
+    assert select(OP, torch.device("cpu")) == select(OP, "cpu") == select(OP, x)
+    assert select(OP, "meta") == "reference"
+    if torch.cuda.is_available():
+        expected = "cuda" if backends()["cuda"].available else "reference"
+        assert select(OP, torch.empty(1, device="cuda")) == expected
+
+
+def test_auto_order_and_available_for_op(temp_op):
+    op = temp_op("_test_all", ["reference", "cpu", "triton", "cuda"])
+    x = torch.empty(1)
+    assert select(op, x) == ("cpu" if HAS_C else "reference")
+    assert select(op, x, available_for_op=["reference"]) == "reference"
+    if torch.cuda.is_available():
+        ranked = [b for b, r in _backends.explain(op, "cuda").items() if r is None]
+        assert select(op, "cuda") == ranked[0]
+        assert ranked[-1] == "reference"
+
+
+def test_explain_lists_every_backend_with_reason(temp_op):
+    op = temp_op("_test_ref_cpu", {"reference": None, "cpu": [torch.float32]})
+    reasons = _backends.explain(op, torch.empty(1, dtype=torch.float64))
+    assert list(reasons) == ["cuda", "triton", "cpu", "reference"]
+    assert reasons["reference"] is None
+    assert "no cuda implementation" in reasons["cuda"]
+    assert "no triton implementation" in reasons["triton"]
+    assert "does not support torch.float64" in reasons["cpu"]
+
+
+# ---- forcing a backend ------------------------------------------------------------------------
+
+def test_env_var(monkeypatch):
+    x = torch.empty(1)
+    monkeypatch.setenv("DIT_FAST_BACKEND", "reference")
+    assert _backends.requested_backend() == "reference"
+    assert select(OP, x) == "reference"
+    monkeypatch.setenv("DIT_FAST_BACKEND", "  Auto ")
+    assert _backends.requested_backend() == "auto"
+    monkeypatch.setenv("DIT_FAST_BACKEND", "")
+    assert _backends.requested_backend() == "auto"
+    monkeypatch.setenv("DIT_FAST_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="DIT_FAST_BACKEND='fastest'"):
+        select(OP, x)
+    monkeypatch.setenv("DIT_FAST_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match=r"DIT_FAST_BACKEND=cuda.*runs on cuda tensors"):
+        select(OP, x)
+    if HAS_C:
+        monkeypatch.setenv("DIT_FAST_BACKEND", "cpu")
+        assert select(OP, x) == "cpu"
+
+
+def test_use_backend_overrides_env_nests_and_restores(monkeypatch):
+    x = torch.empty(1)
+    monkeypatch.setenv("DIT_FAST_BACKEND", "cuda")
+    with use_backend("reference") as name:
+        assert name == "reference"
+        assert _backends.requested_backend() == "reference"
+        assert select(OP, x) == "reference"
+        with use_backend("auto"):
+            assert select(OP, x) == ("cpu" if HAS_C else "reference")
+        assert _backends.requested_backend() == "reference"
+    assert _backends.requested_backend() == "cuda"
+    monkeypatch.delenv("DIT_FAST_BACKEND")
+    with pytest.raises(KeyError):
+        with use_backend("reference"):
+            raise KeyError("boom")
+    assert _backends.requested_backend() == "auto"
+
+
+def test_use_backend_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        with use_backend("gpu"):
+            pass
+    assert _backends.requested_backend() == "auto"
+
+
+def test_forced_backend_errors_name_the_reason(temp_op):
+    x = torch.empty(1)
+    with use_backend("triton"), pytest.raises(RuntimeError, match="no triton implementation"):
+        select(OP, x)
+    with use_backend("cuda"), pytest.raises(RuntimeError, match=r"use_backend\('cuda'\)"):
+        select(OP, x)
+    op = temp_op("_test_cpu_f32", {"reference": None, "cpu": [torch.float32]})
+    with use_backend("cpu"), pytest.raises(RuntimeError, match="does not support torch.bfloat16"):
+        select(op, x.bfloat16())
+    with use_backend("cpu"), pytest.raises(RuntimeError, match="has no cpu implementation"):
+        select(op, x, available_for_op=["reference"])
+
+
+def test_forced_unavailable_backend_reports_probe_reason(monkeypatch):
+    monkeypatch.setitem(_backends._probe_cache, "cpu", "dit_fast._C not built: simulated")
+    monkeypatch.setattr(_backends, "_auto_cache", {})
+    with use_backend("cpu"), pytest.raises(RuntimeError, match="dit_fast._C not built: simulated"):
+        select(OP, torch.empty(1))
+    assert select(OP, torch.empty(1)) == "reference"
+    assert not backends()["cpu"].available
+
+
+# ---- registry ----------------------------------------------------------------------------------
+
+def test_register_op_validation(temp_op):
+    with pytest.raises(ValueError, match="must have a 'reference' implementation"):
+        temp_op("_test_no_ref", ["cpu"])
+    with pytest.raises(ValueError, match="unknown backend 'opencl'"):
+        temp_op("_test_bad", ["reference", "opencl"])
+    with pytest.raises(ValueError, match="unknown op '_test_missing'"):
+        select("_test_missing", torch.empty(1))
+    temp_op("_test_ok", ("reference", "cuda"))
+    assert _backends.registered_ops()["_test_ok"] == ("reference", "cuda")
+    assert _backends.registered_ops()[OP] == ("reference", "cpu", "cuda")
