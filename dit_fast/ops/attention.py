@@ -266,14 +266,16 @@ def _bwd_reference(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_head
 # Measured on the development machine (2 shared AMD EPYC (Zen 3) vCPUs, AVX2; torch 2.13 CPU),
 # C++ kernel time / reference time (the reference = SDPA on permuted views, which on this torch
 # makes no copies: the CPU flash kernel reads strided q/k/v and writes the (N, T, H, Dh) layout, so
-# it *is* SDPA on strided views), medians of paired, interleaved runs:
+# it *is* SDPA on strided views), medians of paired, interleaved runs (range over 2-3 runs; the
+# machine is shared, so single numbers are noisy):
 #                                   1 thread (CPU time)   2 threads (wall time)
-#   fp32 N=8  T=256 H=6  Dh=64      1.00-1.01             1.07-1.20
-#   fp32 N=16 T=256 H=16 Dh=72      0.99                  0.91-0.92
-#   bf16 N=8  T=256 H=6  Dh=64      0.82                  1.00
-#   bf16 N=16 T=256 H=16 Dh=72      -                     0.85
-# Both fp32 kernels run at the machine's sgemm rate (~50 GFLOP/s per core), so ours only ties in
-# fp32 and PyTorch's keeps it; in bf16 ours is faster (PyTorch's bf16 path pays conversions).
+#   fp32 N=8  T=256 H=6  Dh=64      0.97-1.01             1.07-1.24
+#   fp32 N=16 T=256 H=16 Dh=72      0.99-1.11             0.89-0.98
+#   bf16 N=8  T=256 H=6  Dh=64      0.80-0.82             0.93-1.00
+#   bf16 N=16 T=256 H=16 Dh=72      0.81                  0.84-0.87
+# Both fp32 kernels run at about this machine's single-core sgemm rate (MKL: ~54 GFLOP/s), so ours
+# only ties in fp32 (and loses at S/2 with 2 threads) and PyTorch's keeps fp32; in bf16 ours is
+# faster (PyTorch's bf16 path pays conversions), so it runs bf16 (and fp64).
 _CPU_FORWARD = {torch.float32: "sdpa_views", torch.bfloat16: "kernel", torch.float64: "kernel"}
 
 
