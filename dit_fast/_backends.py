@@ -20,6 +20,15 @@ Ops declare what they implement with `register_op`::
     register_op("ln_modulate", {"reference": None,                 # None: any dtype
                                 "cpu": (torch.float32, torch.bfloat16, torch.float64)})
 
+An op can also refine the registry per backend (keyword arguments of `register_op`):
+
+  ``probes={backend: fn}``    fn() -> None or a reason: whether *this op's* implementation can run on
+                              this machine, replacing the backend's generic probe (attention's
+                              ``cuda`` implementation is the flash-attn package, not dit_fast._C_cuda).
+  ``supports={backend: fn}``  fn(tensor) -> None or a reason: a per-input check beyond device and
+                              dtype (e.g. the head dim), run when `select` / `explain` get a tensor.
+                              Ops with such checks are not cached by shape-blind `auto` selection.
+
 `use_backend` is process-wide (like ``torch.nn.attention.sdpa_kernel``), not per thread, so it also
 applies to backward passes that the autograd engine runs in its own threads.
 """
@@ -32,7 +41,7 @@ import importlib.util
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Optional, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -142,15 +151,20 @@ def _probe(name: str) -> Optional[str]:
 
 # op name -> {backend: frozenset of dtypes, or None for any dtype}
 _OPS: dict[str, dict[str, Optional[frozenset]]] = {}
+# op name -> {backend: op-specific availability probe () -> reason}; {backend: input check}
+_OP_PROBES: dict[str, dict[str, Callable[[], Optional[str]]]] = {}
+_OP_SUPPORTS: dict[str, dict[str, Callable[[torch.Tensor], Optional[str]]]] = {}
 _auto_cache: dict[tuple, str] = {}
 
 
 def register_op(op_name: str,
                 implementations: Union[Mapping[str, Optional[Iterable[torch.dtype]]], Iterable[str]],
+                *, probes: Optional[Mapping[str, Callable[[], Optional[str]]]] = None,
+                supports: Optional[Mapping[str, Callable[[torch.Tensor], Optional[str]]]] = None,
                 ) -> None:
     """Declares the backends implementing `op_name` (mapping backend -> supported dtypes or None
     for any, or just an iterable of backend names). Must include "reference". Re-registering
-    replaces the previous declaration."""
+    replaces the previous declaration. `probes` / `supports`: see the module docstring."""
     if not isinstance(implementations, Mapping):
         implementations = {name: None for name in implementations}
     impls = {}
@@ -159,8 +173,19 @@ def register_op(op_name: str,
         impls[name] = None if dtypes is None else frozenset(dtypes)
     if "reference" not in impls:
         raise ValueError(f"op {op_name!r} must have a 'reference' implementation")
+    extra = {}
+    for kind, fns in (("probes", probes), ("supports", supports)):
+        extra[kind] = dict(fns or {})
+        for name, fn in extra[kind].items():
+            if _check_name(name, allow_auto=False) not in impls:
+                raise ValueError(f"{kind}[{name!r}] given for op {op_name!r}, which has no {name} "
+                                 f"implementation")
+            if not callable(fn):
+                raise ValueError(f"{kind}[{name!r}] for op {op_name!r} must be callable")
     with _lock:
         _OPS[op_name] = impls
+        _OP_PROBES[op_name] = extra["probes"]
+        _OP_SUPPORTS[op_name] = extra["supports"]
         _auto_cache.clear()
 
 
@@ -222,7 +247,7 @@ def _device_type(t: DeviceLike) -> str:
 
 
 def _reject(name: str, op_name: str, impls: Mapping[str, Optional[frozenset]], device_type: str,
-            dtype: Optional[torch.dtype]) -> Optional[str]:
+            dtype: Optional[torch.dtype], tensor: Optional[DeviceLike] = None) -> Optional[str]:
     """None if backend `name` can serve this call, else why not."""
     if name not in impls:
         have = ", ".join(b for b in BACKENDS if b in impls)
@@ -234,7 +259,14 @@ def _reject(name: str, op_name: str, impls: Mapping[str, Optional[frozenset]], d
     if dtypes is not None and dtype is not None and dtype not in dtypes:
         have = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
         return f"the {name} implementation of {op_name!r} does not support {dtype} (supports: {have})"
-    return _probe(name)
+    op_probe = _OP_PROBES.get(op_name, {}).get(name)
+    reason = op_probe() if op_probe is not None else _probe(name)
+    if reason is not None:
+        return reason
+    check = _OP_SUPPORTS.get(op_name, {}).get(name)
+    if check is not None and isinstance(tensor, torch.Tensor):
+        return check(tensor)
+    return None
 
 
 def _impls_for(op_name: str, available_for_op: Optional[Iterable[str]]):
@@ -254,7 +286,7 @@ def explain(op_name: str, tensor: DeviceLike,
     impls = _impls_for(op_name, available_for_op)
     dtype = tensor.dtype if isinstance(tensor, torch.Tensor) else None
     dev = _device_type(tensor)
-    return {b: _reject(b, op_name, impls, dev, dtype) for b in _AUTO_ORDER}
+    return {b: _reject(b, op_name, impls, dev, dtype, tensor) for b in _AUTO_ORDER}
 
 
 def select(op_name: str, tensor: DeviceLike,
@@ -269,21 +301,22 @@ def select(op_name: str, tensor: DeviceLike,
     dtype = tensor.dtype if isinstance(tensor, torch.Tensor) else None
     dev = _device_type(tensor)
     if requested == "auto":
-        key = (op_name, dev, dtype) if available_for_op is None else None
+        key = ((op_name, dev, dtype)
+               if available_for_op is None and not _OP_SUPPORTS.get(op_name) else None)
         if key is not None:
             hit = _auto_cache.get(key)
             if hit is not None:
                 return hit
         impls = _impls_for(op_name, available_for_op)
         for name in _AUTO_ORDER:
-            if _reject(name, op_name, impls, dev, dtype) is None:
+            if _reject(name, op_name, impls, dev, dtype, tensor) is None:
                 if key is not None:
                     _auto_cache[key] = name
                 return name
         reasons = "; ".join(f"{b}: {r}" for b, r in explain(op_name, tensor, available_for_op).items())
         raise RuntimeError(f"dit_fast: no backend can run {op_name!r} on a {dev} tensor ({reasons})")
     impls = _impls_for(op_name, available_for_op)
-    reason = _reject(requested, op_name, impls, dev, dtype)
+    reason = _reject(requested, op_name, impls, dev, dtype, tensor)
     if reason is not None:
         raise RuntimeError(f"dit_fast: backend {requested!r} was requested ({source}) for "
                            f"{op_name!r} on a {dev} {str(dtype).replace('torch.', '')} tensor, "
