@@ -5,5 +5,7 @@ exposes a public function plus a pure-PyTorch reference (`*_ref`) used as the gr
 """
 
 from .ln_modulate import ln_modulate, ln_modulate_ref
+from .patchify import patch_embed, patch_embed_ref, unpatchify, unpatchify_ref
 
-__all__ = ["ln_modulate", "ln_modulate_ref"]
+__all__ = ["ln_modulate", "ln_modulate_ref",
+           "patch_embed", "patch_embed_ref", "unpatchify", "unpatchify_ref"]
