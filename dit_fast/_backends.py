@@ -31,6 +31,10 @@ An op can also refine the registry per backend (keyword arguments of `register_o
 
 `use_backend` is process-wide (like ``torch.nn.attention.sdpa_kernel``), not per thread, so it also
 applies to backward passes that the autograd engine runs in its own threads.
+
+Triton's interpreter: with ``TRITON_INTERPRET=1`` a *forced* ``triton`` backend also runs on CPU
+tensors (Triton's interpreter executes the kernels with NumPy), so tests can check Triton kernels
+without a GPU. ``auto`` never picks ``triton`` for CPU tensors.
 """
 
 from __future__ import annotations
@@ -246,21 +250,32 @@ def _device_type(t: DeviceLike) -> str:
     return torch.device(t).type
 
 
+def _triton_interpreted(name: str, device_type: str, forced: bool) -> bool:
+    """True if a forced triton backend runs on CPU tensors (TRITON_INTERPRET=1)."""
+    return (forced and name == "triton" and device_type == "cpu"
+            and os.environ.get("TRITON_INTERPRET", "").strip() == "1")
+
+
 def _reject(name: str, op_name: str, impls: Mapping[str, Optional[frozenset]], device_type: str,
-            dtype: Optional[torch.dtype], tensor: Optional[DeviceLike] = None) -> Optional[str]:
+            dtype: Optional[torch.dtype], tensor: Optional[DeviceLike] = None,
+            forced: bool = False) -> Optional[str]:
     """None if backend `name` can serve this call, else why not."""
     if name not in impls:
         have = ", ".join(b for b in BACKENDS if b in impls)
         return f"op {op_name!r} has no {name} implementation (it has: {have})"
     devs = _DEVICE_TYPES[name]
-    if devs is not None and device_type not in devs:
+    interpreted = _triton_interpreted(name, device_type, forced)
+    if devs is not None and device_type not in devs and not interpreted:
         return f"the {name} backend runs on {'/'.join(devs)} tensors, not {device_type}"
     dtypes = impls[name]
     if dtypes is not None and dtype is not None and dtype not in dtypes:
         have = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
         return f"the {name} implementation of {op_name!r} does not support {dtype} (supports: {have})"
-    op_probe = _OP_PROBES.get(op_name, {}).get(name)
-    reason = op_probe() if op_probe is not None else _probe(name)
+    if interpreted:  # Triton's interpreter needs no GPU
+        reason = None if importlib.util.find_spec("triton") is not None else "triton not installed"
+    else:
+        op_probe = _OP_PROBES.get(op_name, {}).get(name)
+        reason = op_probe() if op_probe is not None else _probe(name)
     if reason is not None:
         return reason
     check = _OP_SUPPORTS.get(op_name, {}).get(name)
@@ -316,7 +331,7 @@ def select(op_name: str, tensor: DeviceLike,
         reasons = "; ".join(f"{b}: {r}" for b, r in explain(op_name, tensor, available_for_op).items())
         raise RuntimeError(f"dit_fast: no backend can run {op_name!r} on a {dev} tensor ({reasons})")
     impls = _impls_for(op_name, available_for_op)
-    reason = _reject(requested, op_name, impls, dev, dtype, tensor)
+    reason = _reject(requested, op_name, impls, dev, dtype, tensor, forced=True)
     if reason is not None:
         raise RuntimeError(f"dit_fast: backend {requested!r} was requested ({source}) for "
                            f"{op_name!r} on a {dev} {str(dtype).replace('torch.', '')} tensor, "

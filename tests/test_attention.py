@@ -376,7 +376,9 @@ def test_triton_aot_specs_are_well_formed():
 
 # ---- dispatch: forced backends, support checks, explain -------------------------------------
 
-def test_forced_backend_that_cannot_run_raises():
+def test_forced_backend_that_cannot_run_raises(monkeypatch):
+    # Without the interpreter, a forced triton backend refuses CPU tensors.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     qkv = make_qkv(1, 3, 2, 64)
     with use_backend("triton"), pytest.raises(RuntimeError, match="runs on cuda tensors"):
         attention_qkv(qkv, 2)

@@ -61,6 +61,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 from .. import _backends
 
@@ -403,6 +404,26 @@ def _backward(ctx, dout, _dlse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# FlopCounterMode (torch.utils.flop_counter) does not look inside custom ops: without these formulas
+# the attention matmuls would silently drop out of counted FLOPs. Same counts as torch's SDPA formulas.
+def _head_shape(qkv_shape, num_heads: int):
+    N, T, C = qkv_shape
+    return (N, num_heads, T, C // 3 // num_heads)
+
+
+@register_flop_formula(torch.ops.dit_fast.attention)
+def _attention_flops(qkv_shape, num_heads, *args, out_shape=None, **kwargs) -> int:
+    h = _head_shape(qkv_shape, num_heads)
+    return sdpa_flop_count(h, h, h)
+
+
+@register_flop_formula(torch.ops.dit_fast.attention_backward)
+def _attention_backward_flops(dout_shape, qkv_shape, out_shape_, lse_shape, num_heads, *args,
+                              out_shape=None, **kwargs) -> int:
+    h = _head_shape(qkv_shape, num_heads)
+    return sdpa_backward_flop_count(h, h, h, h)
+
+
 def _register_native_fakes() -> None:
     """Fake (meta) kernel for the C++ op, so it can be traced / opcheck'ed directly too."""
     if _probe_cpu() is not None:  # dit_fast._C not built (or too old): the op does not exist
@@ -437,6 +458,8 @@ def attention_qkv(qkv: Tensor, num_heads: int) -> Tensor:
         if backend == "cuda":  # flash-attn's own autograd (fused backward kernel)
             N, T, D, H, Dh = _sizes(qkv, num_heads)
             return _flash_fn()(_packed(_unit_inner(qkv), H)).reshape(N, T, D)
-        if not (torch.is_grad_enabled() and qkv.requires_grad):
-            return _run_forward(backend, qkv, num_heads)[0]  # eager inference: skip the op/autograd layers
+        # Eager inference skips the op/autograd layers (~80 us per call), unless a dispatch mode
+        # (FlopCounterMode, FakeTensorMode, ...) is active: those must see the named op.
+        if not (torch.is_grad_enabled() and qkv.requires_grad) and torch._C._len_torch_dispatch_stack() == 0:
+            return _run_forward(backend, qkv, num_heads)[0]
     return _attention_op(qkv, num_heads)[0]
