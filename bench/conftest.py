@@ -22,9 +22,12 @@ if str(ROOT) not in sys.path:
 
 import pytest  # noqa: E402
 
-try:
-    import pytest_benchmark  # noqa: F401
-except ImportError:
-    @pytest.fixture
-    def benchmark():
-        pytest.skip("pytest-benchmark is not installed (pip install -r requirements-test.txt)")
+
+def pytest_collection_modifyitems(config, items):
+    """Without the pytest-benchmark plugin (not installed, or -p no:benchmark) every benchmark is skipped."""
+    if config.pluginmanager.hasplugin("benchmark"):
+        return
+    skip = pytest.mark.skip(reason="pytest-benchmark is not installed or not active "
+                                   "(pip install -r requirements-test.txt)")
+    for item in items:
+        item.add_marker(skip)

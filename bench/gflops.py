@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -161,7 +162,7 @@ def main(argv=None):
                   load_avg_start=load_start, load_avg_end=_load_avg(), note=args.note,
                   timed=not args.no_time, batch=args.batch_size, dtype=args.dtype, backend=args.backend,
                   warmup=args.warmup, iters=args.iters, rows=rows,
-                  command=" ".join(["python bench/gflops.py", *(argv if argv is not None else sys.argv[1:])]))
+                  command=shlex.join(["python", "bench/gflops.py", *(argv if argv is not None else sys.argv[1:])]))
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     chart = plot(result, out.with_suffix(".png"))

@@ -22,7 +22,8 @@ median and the min-max of the turns. Columns:
 - tflops: achieved TFLOP/s from `gflop`;
 - mfu: tflops over the peak matmul throughput of the device in that dtype, measured in this run
   (one large square GEMM, best of >= 5 runs, at the start and at the end of the run: the higher);
-- speedup: time of `reference` in the same mode over this row's time;
+- speedup: time of `reference` in the same mode over this row's time (speedup_min: the same from the
+  fastest turns, the steadier figure on a shared machine);
 - gemm_eff: time of the model's GEMMs alone (every Linear / conv-as-GEMM / attention matmul of the
   mode, timed one by one at the model's shapes in that dtype) over the row's time: the fraction of
   the step that the matmuls would take if everything else were free (1.0 = nothing but GEMMs).
@@ -32,9 +33,11 @@ import argparse
 import contextlib
 import copy
 import datetime
+import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -335,7 +338,8 @@ def peak_matmul_tflops(device, dtype, n=None, min_reps=5, min_time_s=1.0):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_model() or platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{_cpu_model() or platform.processor() or platform.machine()} ({n} thread{'s' if n > 1 else ''})"
 
 
 def _cpu_model():
@@ -491,7 +495,7 @@ def main(argv=None):
             for d in row_dtypes:
                 gemm_ms[(mode, d)] = time_gemms(shapes, device, DTYPES[d], reps=2 if args.quick else 3)
         per_img = MODE_FLOP_FACTOR[mode] * fwd_gflop
-        ref_ms = None
+        ref_ms = ref_min = None
         mode_rows = []
         for impl, (label, ms_list) in zip(impls, times.items()):
             ms = statistics.median(ms_list)
@@ -505,14 +509,19 @@ def main(argv=None):
             row["gemm_ms"] = g
             row["gemm_eff"] = g / ms if g is not None else None
             if impl.name == "reference":
-                ref_ms = ms
+                ref_ms, ref_min = ms, row["ms_min"]
             mode_rows.append(row)
         for row in mode_rows:
             row["speedup"] = ref_ms / row["ms"] if ref_ms else None
+            row["speedup_min"] = ref_min / row["ms_min"] if ref_ms else None
             row["full_sample_s"] = row["ms"] * SAMPLE_STEPS / 1e3 if mode == "sample" else None
         rows += mode_rows
         print_table(mode, mode_rows)
         print(f"  ({time.perf_counter() - t0:.0f} s)")
+        del steps  # this mode's models (and optimizer states) before the next mode builds its own
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # The peak again after the run, keeping the higher value (a shared machine's load drifts).
     peaks_end = {d: peak_matmul_tflops(device, DTYPES[d], n=args.peak_size, min_time_s=peak_time) for d in row_dtypes}
@@ -537,7 +546,7 @@ def main(argv=None):
         gemm_gflop={m: gemm_gflop(gemm_shapes(args.model, args.image_size, n, m, **over)) for m in args.modes.split(",")},
         skipped=skipped, backends=_backend_report(), rows=rows,
         wall_s=round(time.perf_counter() - started, 1),
-        command=" ".join(["python bench/throughput.py", *(argv if argv is not None else sys.argv[1:])]))
+        command=shlex.join(["python", "bench/throughput.py", *(argv if argv is not None else sys.argv[1:])]))
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out} ({result['wall_s']:.0f} s in all)")
     chart = plot(result, out.with_suffix(".png"))
@@ -562,13 +571,14 @@ def _backend_report():
 def print_table(mode, rows):
     print(f"\n{mode}:")
     print(f"  {'impl':<22}{'dtype':>6}{'ms':>10}{'min-max':>18}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}"
-          f"{'GEMM eff':>9}{'speedup':>9}")
+          f"{'GEMM eff':>9}{'speedup':>9}{'(min)':>7}")
     for r in rows:
         spread = f"{r['ms_min']:.1f}-{r['ms_max']:.1f}"
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        speed_min = f"{r['speedup_min']:.2f}x" if r["speedup_min"] else "-"
         eff = f"{r['gemm_eff']:.0%}" if r["gemm_eff"] is not None else "-"
         print(f"  {r['impl']:<22}{r['dtype']:>6}{r['ms']:>10.1f}{spread:>18}{r['img_per_s']:>9.1f}"
-              f"{r['tflops']:>9.3f}{r['mfu']:>7.1%}{eff:>9}{speed:>9}")
+              f"{r['tflops']:>9.3f}{r['mfu']:>7.1%}{eff:>9}{speed:>9}{speed_min:>7}")
     if mode == "sample":
         for r in rows:
             print(f"  {r['impl']} {r['dtype']}: {SAMPLE_STEPS}-step guided sample of the batch ~ {r['full_sample_s']:.1f} s")
