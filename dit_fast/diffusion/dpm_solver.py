@@ -1,0 +1,264 @@
+# DPM-Solver++ (2M, multistep, data prediction) for DiT's discrete-time diffusion.
+#
+# Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models"
+# (arXiv:2211.01095), algorithm 2 (multistep, second order), in the form used by diffusers'
+# DPMSolverMultistepScheduler (algorithm_type="dpmsolver++", solver_type="midpoint",
+# final_sigmas_type="zero"). Written for dit_fast; no code is taken from either project.
+#
+# The model is the usual DiT epsilon model; with learned sigma (2C output channels) only the first C
+# channels (eps) are used, the variance channels are ignored. Classifier-free guidance works as with
+# p_sample_loop: pass `model.forward_with_cfg` and `model_kwargs=dict(y=..., cfg_scale=...)`.
+#
+# Every step is one model evaluation followed by a linear update
+#     x0     = (x - sigma_s * eps) / alpha_s           (optionally clipped to [-1, 1])
+#     x_next = a * x + b * x0 + c * x0_prev
+# with per-step scalars (alpha_s, sigma_s, a, b, c) precomputed in float64 on the host. That update
+# is `dpm_solver_pp_update`, the swap point for a fused sampler-step kernel.
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .gaussian_diffusion import NAMED_BETA_SCHEDULES, _check_num_steps, _infer_device, get_named_beta_schedule
+
+__all__ = ["DPMSolverPlusPlus", "create_dpm_solver", "dpm_solver_pp_update", "SKIP_TYPES"]
+
+SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
+
+
+def dpm_solver_pp_update(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    x0_prev: torch.Tensor,
+    coefs: torch.Tensor,
+    clip_denoised: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One DPM-Solver++ update from the model's eps.
+
+    :param coefs: float32 tensor (..., 5) of (alpha_s, sigma_s, a, b, c), broadcastable against x
+        after the last dim is split off (a (5,) row, or (N, 5) reshaped by the caller).
+    :return: (x_next, x0) where x0 is this step's data prediction (the next step's `x0_prev`).
+    """
+    alpha_s, sigma_s, a, b, c = coefs.unbind(-1)
+    x0 = (x - sigma_s * eps) / alpha_s
+    if clip_denoised:
+        x0 = x0.clamp(-1, 1)
+    return a * x + b * x0 + c * x0_prev, x0
+
+
+class DPMSolverPlusPlus:
+    """DPM-Solver++(2M) on a discrete-time (DDPM) noise schedule.
+
+    :param betas: the base process's betas (e.g. the 1000-step linear schedule DiT is trained with).
+    :param num_steps: number of model evaluations.
+    :param order: 1 (DPM-Solver++(1), equivalent to DDIM with eta=0 on the same grid) or 2 (2M).
+    :param skip_type: time grid: "time_uniform" (evenly spaced timesteps from T-1, diffusers'
+        "linspace" spacing), "logSNR" (even in log-SNR) or "time_quadratic".
+    The first step (no history yet) and the final step, to zero noise, are first order (as in
+    diffusers with final_sigmas_type="zero").
+
+    The model is evaluated at integer timesteps of the base process (`self.timesteps`, from T-1
+    down); the last update jumps to zero noise, i.e. returns the data prediction of the last
+    evaluation combined with the multistep correction.
+    """
+
+    def __init__(
+        self,
+        betas: Sequence[float] | np.ndarray,
+        num_steps: int,
+        order: int = 2,
+        skip_type: str = "time_uniform",
+    ) -> None:
+        _check_num_steps(num_steps, "num_steps")
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order!r}")
+        if skip_type not in SKIP_TYPES:
+            raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not ((betas > 0).all() and (betas < 1).all()):
+            raise ValueError("betas must be a 1-D array with values in (0, 1)")
+        T = betas.shape[0]
+        if num_steps > T:
+            raise ValueError(f"num_steps ({num_steps}) cannot exceed the {T} steps of the base process")
+        self.betas = betas
+        self.num_train_timesteps = T
+        self.num_steps = int(num_steps)
+        self.order = order
+        self.skip_type = skip_type
+        self.alphas_cumprod = np.cumprod(1.0 - betas)
+        self.timesteps = self._time_grid()                       # (num_steps,) int64, decreasing
+        self.coefs = self._coefficients()                        # (num_steps, 5) float64
+        self._tables: Dict[Tuple[torch.device, str], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ schedule
+
+    def _lambda(self, t: np.ndarray) -> np.ndarray:
+        ab = self.alphas_cumprod[t]
+        return 0.5 * (np.log(ab) - np.log1p(-ab))
+
+    def _time_grid(self) -> np.ndarray:
+        T, N = self.num_train_timesteps, self.num_steps
+        if self.skip_type == "time_uniform":
+            grid = np.linspace(0, T - 1, N + 1).round()[::-1][:-1]
+        elif self.skip_type == "time_quadratic":
+            grid = (np.linspace(0, math.sqrt(T - 1), N + 1) ** 2).round()[::-1][:-1]
+        else:  # logSNR: even in lambda between t = T-1 and t = 0, mapped to the nearest timestep
+            lam = self._lambda(np.arange(T))                  # decreasing in t
+            targets = np.linspace(lam[T - 1], lam[0], N + 1)[:-1]
+            grid = np.interp(targets, lam[::-1], np.arange(T)[::-1]).round()
+        grid = grid.astype(np.int64)
+        # rounding can repeat timesteps where the grid is denser than the integers (logSNR near t = 0):
+        # push them apart, keeping the grid strictly decreasing
+        for i in range(N - 2, -1, -1):
+            grid[i] = max(grid[i], grid[i + 1] + 1)
+        if grid[0] > T - 1:
+            raise ValueError(f"num_steps={N} is too many for skip_type={self.skip_type!r} on a {T}-step schedule")
+        return grid
+
+    def _coefficients(self) -> np.ndarray:
+        ab = self.alphas_cumprod[self.timesteps]
+        alpha, sigma = np.sqrt(ab), np.sqrt(1.0 - ab)
+        lam = np.log(alpha) - np.log(sigma)
+        N = self.num_steps
+        out = np.zeros((N, 5), dtype=np.float64)
+        for i in range(N):
+            final = i == N - 1
+            out[i, 0], out[i, 1] = alpha[i], sigma[i]
+            if final:                                   # to zero noise: x_next = x0
+                out[i, 2:] = (0.0, 1.0, 0.0)
+                continue
+            h = lam[i + 1] - lam[i]
+            phi = -np.expm1(-h)                         # 1 - e^{-h}
+            a = sigma[i + 1] / sigma[i]
+            if self.order == 1 or i == 0:
+                out[i, 2:] = (a, alpha[i + 1] * phi, 0.0)
+            else:
+                r0 = (lam[i] - lam[i - 1]) / h
+                out[i, 2:] = (a, alpha[i + 1] * phi * (1 + 0.5 / r0), -alpha[i + 1] * phi * 0.5 / r0)
+        return out
+
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (torch.device(device), name)
+        table = self._tables.get(key)
+        if table is None:
+            if name == "coefs":
+                table = torch.from_numpy(self.coefs).float().to(device)
+            else:
+                table = torch.from_numpy(self.timesteps).to(device)
+            self._tables[key] = table
+        return table
+
+    # ------------------------------------------------------------------ stepping
+
+    def init_state(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Solver state carried between steps: the previous data prediction."""
+        return {"x0_prev": torch.zeros_like(x)}
+
+    def step_indices(self) -> List[int]:
+        """The values of the step index passed to `step`, in order."""
+        return list(range(self.num_steps))
+
+    def step(
+        self,
+        model: Callable[..., Any],
+        x: torch.Tensor,
+        i: torch.Tensor,
+        state: Dict[str, torch.Tensor],
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        clip_denoised: bool = False,
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
+        """Step `i` (an int64 tensor of shape (N,) holding the step index for every sample).
+
+        Pure tensor code without host synchronization, so it can be compiled and CUDA-graph captured.
+        :return: (x_next, new state, x0 prediction).
+        """
+        n = x.ndim
+        t = self._table("timesteps", x.device)[i]                                  # (N,)
+        coefs = self._table("coefs", x.device)[i].view(-1, *([1] * (n - 1)), 5)     # (N, 1.., 5)
+        model_output = model(x, t, **(model_kwargs or {}))
+        if isinstance(model_output, tuple):
+            model_output = model_output[0]
+        C = x.shape[1]
+        if model_output.shape[1] not in (C, 2 * C) or model_output.shape[2:] != x.shape[2:] \
+                or model_output.shape[0] != x.shape[0]:
+            raise ValueError(f"model output must have shape {tuple(x.shape)} (eps) or {(x.shape[0], 2 * C, *x.shape[2:])} "
+                             f"(eps and learned variance), got {tuple(model_output.shape)}")
+        eps = model_output[:, :C]
+        x_next, x0 = dpm_solver_pp_update(x, eps.to(x.dtype), state["x0_prev"], coefs.to(x.dtype), clip_denoised)
+        return x_next, {"x0_prev": x0}, x0
+
+    # ------------------------------------------------------------------ loops (p_sample_loop-like API)
+
+    def sample_loop_progressive(
+        self,
+        model: Callable[..., Any],
+        shape: Sequence[int],
+        noise: Optional[torch.Tensor] = None,
+        clip_denoised: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        device: Any = None,
+        progress: bool = False,
+    ) -> Iterator[Dict[str, torch.Tensor]]:
+        """Yield {'sample', 'pred_xstart'} after each step."""
+        if not isinstance(shape, (tuple, list)):
+            raise ValueError(f"shape must be a tuple or list like (N, C, H, W), got {type(shape).__name__}")
+        if device is None:
+            device = noise.device if noise is not None else _infer_device(model)
+        if noise is not None:
+            if tuple(noise.shape) != tuple(shape):
+                raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(noise.shape)}")
+            x = noise
+        else:
+            x = torch.randn(*shape, device=device)
+        indices: Any = self.step_indices()
+        if progress:
+            from tqdm.auto import tqdm
+
+            indices = tqdm(indices)
+        state = self.init_state(x)
+        for i in indices:
+            it = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
+            with torch.no_grad():
+                x, state, x0 = self.step(model, x, it, state, model_kwargs, clip_denoised)
+            yield {"sample": x, "pred_xstart": x0}
+
+    def sample_loop(
+        self,
+        model: Callable[..., Any],
+        shape: Sequence[int],
+        noise: Optional[torch.Tensor] = None,
+        clip_denoised: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        device: Any = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Generate samples in `num_steps` model evaluations. Same usage as p_sample_loop()."""
+        final = None
+        for final in self.sample_loop_progressive(model, shape, noise=noise, clip_denoised=clip_denoised,
+                                                  model_kwargs=model_kwargs, device=device, progress=progress):
+            pass
+        return final["sample"]
+
+    def __repr__(self) -> str:
+        return (f"DPMSolverPlusPlus(num_steps={self.num_steps}, order={self.order}, skip_type={self.skip_type!r}, "
+                f"num_train_timesteps={self.num_train_timesteps})")
+
+
+def create_dpm_solver(
+    num_steps: int,
+    noise_schedule: str = "linear",
+    diffusion_steps: int = 1000,
+    order: int = 2,
+    skip_type: str = "time_uniform",
+) -> DPMSolverPlusPlus:
+    """DPM-Solver++ on the schedule `create_diffusion` builds (same `noise_schedule`, `diffusion_steps`)."""
+    _check_num_steps(diffusion_steps, "diffusion_steps")
+    if noise_schedule not in NAMED_BETA_SCHEDULES:
+        raise ValueError(f"noise_schedule: unknown beta schedule {noise_schedule!r}; expected one of "
+                         f"{', '.join(map(repr, NAMED_BETA_SCHEDULES))}")
+    betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
+    return DPMSolverPlusPlus(betas, num_steps, order=order, skip_type=skip_type)
