@@ -12,8 +12,12 @@
 # Every step is one model evaluation followed by a linear update
 #     x0     = (x - sigma_s * eps) / alpha_s           (optionally clipped to [-1, 1])
 #     x_next = a * x + b * x0 + c * x0_prev
-# with per-step scalars (alpha_s, sigma_s, a, b, c) precomputed in float64 on the host. That update
-# is `dpm_solver_pp_update`, the swap point for a fused sampler-step kernel.
+# with per-step scalars (alpha_s, sigma_s, a, b, c) precomputed in float64 on the host.
+# `dpm_solver_pp_update` is that update in plain PyTorch (the reference); the solver runs it through
+# the fused sampler-step kernel (dit_fast.ops.sampler_step, DDIM mode), whose update
+#     x0 = c0 x - c1 eps;  x_next = c2 x0 + c3 (c0 x - x0) / c1 + c6 noise
+# equals it exactly (clipping included) with c0 = 1/alpha_s, c1 = sigma_s/alpha_s,
+# c2 = b + a alpha_s, c3 = a sigma_s, c6 = c and noise = x0_prev (see `fused_coefficients`).
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
+from ..ops.sampler_step import MODE_DDIM, ddim_coefs, sampler_step
 from .gaussian_diffusion import NAMED_BETA_SCHEDULES, _check_num_steps, _infer_device, get_named_beta_schedule
 
 __all__ = ["DPMSolverPlusPlus", "create_dpm_solver", "dpm_solver_pp_update", "SKIP_TYPES"]
@@ -141,12 +146,20 @@ class DPMSolverPlusPlus:
                 out[i, 2:] = (a, alpha[i + 1] * phi * (1 + 0.5 / r0), -alpha[i + 1] * phi * 0.5 / r0)
         return out
 
-    def _table(self, name: str, device: torch.device) -> torch.Tensor:
-        key = (torch.device(device), name)
+    def fused_coefficients(self) -> np.ndarray:
+        """(num_steps, 8) float64: the per-step coefficients of the fused sampler step (DDIM mode,
+        x0_prev in the noise slot) that reproduce `dpm_solver_pp_update` (see the module comment)."""
+        alpha, sigma, a, b, c = (self.coefs[:, k] for k in range(5))
+        return ddim_coefs(torch.from_numpy(1.0 / alpha), torch.from_numpy(sigma / alpha),
+                          torch.from_numpy(b + a * alpha), torch.from_numpy(a * sigma),
+                          torch.from_numpy(c), dtype=torch.float64).numpy()
+
+    def _table(self, name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        key = (torch.device(device), name, dtype)
         table = self._tables.get(key)
         if table is None:
-            if name == "coefs":
-                table = torch.from_numpy(self.coefs).float().to(device)
+            if name == "fused":
+                table = torch.from_numpy(self.fused_coefficients()).to(device=device, dtype=dtype)
             else:
                 table = torch.from_numpy(self.timesteps).to(device)
             self._tables[key] = table
@@ -176,9 +189,9 @@ class DPMSolverPlusPlus:
         Pure tensor code without host synchronization, so it can be compiled and CUDA-graph captured.
         :return: (x_next, new state, x0 prediction).
         """
-        n = x.ndim
         t = self._table("timesteps", x.device)[i]                                  # (N,)
-        coefs = self._table("coefs", x.device)[i].view(-1, *([1] * (n - 1)), 5)     # (N, 1.., 5)
+        table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        coefs = self._table("fused", x.device, table_dtype)[i]                      # (N, 8)
         model_output = model(x, t, **(model_kwargs or {}))
         if isinstance(model_output, tuple):
             model_output = model_output[0]
@@ -187,8 +200,10 @@ class DPMSolverPlusPlus:
                 or model_output.shape[0] != x.shape[0]:
             raise ValueError(f"model output must have shape {tuple(x.shape)} (eps) or {(x.shape[0], 2 * C, *x.shape[2:])} "
                              f"(eps and learned variance), got {tuple(model_output.shape)}")
-        eps = model_output[:, :C]
-        x_next, x0 = dpm_solver_pp_update(x, eps.to(x.dtype), state["x0_prev"], coefs.to(x.dtype), clip_denoised)
+        # One fused pass: x0 from eps, then a*x + b*x0 + c*x0_prev (x0_prev rides in the noise slot).
+        x_next, x0 = sampler_step(model_output, x, state["x0_prev"], coefs, mode=MODE_DDIM,
+                                  clip_denoised=clip_denoised)
+        x_next, x0 = x_next.to(x.dtype), x0.to(x.dtype)
         return x_next, {"x0_prev": x0}, x0
 
     # ------------------------------------------------------------------ loops (p_sample_loop-like API)

@@ -13,7 +13,7 @@ int64 device tensor; schedule values are gathered from device tables), so the sa
   draws the same random numbers as the eager one. GPU only; requires static shapes.
 
 The per-step arithmetic after the model call is the diffusion's `_p_sample_step` / `_ddim_step`
-and `dpm_solver_pp_update`: the places where a fused sampler-step kernel plugs in.
+and `dpm_solver_pp_update` (the reference of the fused step DPMSolverPlusPlus runs).
 """
 from __future__ import annotations
 
