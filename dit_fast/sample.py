@@ -4,7 +4,7 @@ Drop-in for facebookresearch/DiT's `sample.py` (same flags and defaults: --model
 --image-size 256, --num-classes 1000, --cfg-scale 4.0, --num-sampling-steps 250, --seed 0, --ckpt,
 --vae), plus:
 
-  --sampler ddpm|ddim|dpm-solver++   (default ddpm, as the official script; steps default to
+  --sampler ddpm|ddim|dpm-solver++|sde-dpm-solver++   (default ddpm, as the official script; steps default to
                                       250 / 50 / 20)
   --class-labels 207 360 ...         (default: the official eight for 1000 classes, else 0..min(C,16)-1)
   --out FILE.png                     (default sample.png)
@@ -277,7 +277,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     from .sampling import SAMPLERS
 
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm (official p_sample_loop), ddim (ddim_sample_loop, eta 0) or dpm-solver++ (2M)")
+                   help="ddpm (official p_sample_loop), ddim (ddim_sample_loop, eta 0), dpm-solver++ (2M) or "
+                        "sde-dpm-solver++ (its stochastic variant)")
     p.add_argument("--skip-type", choices=SKIP_TYPES, default="time_uniform",
                    help="DPM-Solver++ time grid (default: time_uniform)")
     p.add_argument("--num-heads", type=int, default=None,
@@ -347,7 +348,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=None, help="default: 1000, or the checkpoint's")
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--num-sampling-steps", type=int, default=None,
-                   help="default: 250 (ddpm), 50 (ddim), 20 (dpm-solver++)")
+                   help="default: 250 (ddpm), 50 (ddim), 20 (dpm-solver++, sde-dpm-solver++)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt", type=str, default=None,
                    help="a DiT checkpoint (.pt / .safetensors); default: a randomly initialized model")

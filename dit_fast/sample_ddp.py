@@ -51,7 +51,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=None, help="default: 1000, or the checkpoint's")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--num-sampling-steps", type=int, default=None,
-                   help="default: 250 (ddpm), 50 (ddim), 20 (dpm-solver++)")
+                   help="default: 250 (ddpm), 50 (ddim), 20 (dpm-solver++, sde-dpm-solver++)")
     p.add_argument("--global-seed", type=int, default=0)
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on Ampere+ GPUs (faster; default on, as the official script)")

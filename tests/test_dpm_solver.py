@@ -39,6 +39,33 @@ def test_matches_diffusers_dpmsolver_multistep(steps):
     assert (ours.double() - x).abs().max().item() < 2e-6 * scale
 
 
+@pytest.mark.parametrize("steps", [1, 2, 7, 20])
+def test_sde_variant_matches_diffusers_sde_dpmsolver(steps):
+    """SDE-DPM-Solver++(2M) == diffusers' algorithm_type="sde-dpmsolver++" given the same noise."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, solver_order=2,
+        algorithm_type="sde-dpmsolver++", prediction_type="epsilon", final_sigmas_type="zero",
+        timestep_spacing="linspace")
+    sched.set_timesteps(steps)
+    eps = _toy_eps()
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64)
+    zs = torch.randn(steps, 3, 4, 6, 6, generator=g, dtype=torch.float64)
+    x = x_T.clone()
+    for k, t in enumerate(sched.timesteps):
+        x = sched.step(eps(x, t.expand(3)), t, x, variance_noise=zs[k]).prev_sample
+    solver = create_dpm_solver(steps, sde=True)
+    ours, state = x_T.clone(), solver.init_state(x_T)
+    for k in range(steps):
+        ours, state, _ = solver.step(eps, ours, torch.full((3,), k), state, noise=zs[k])
+    assert (ours - x).abs().max().item() < 2e-6 * x.abs().max().item()  # diffusers steps in float32
+    # the loops draw fresh noise every step: different seeds, different samples
+    a = solver.sample_loop(eps, x_T.shape, noise=x_T.float())
+    b = solver.sample_loop(eps, x_T.shape, noise=x_T.float())
+    assert steps == 1 or not torch.equal(a, b)
+
+
 def test_first_order_is_ddim_on_the_same_grid():
     """DPM-Solver++(1) == DDIM (eta = 0) through the official-API ddim_sample_loop on the same timesteps."""
     solver = create_dpm_solver(8, order=1)
@@ -88,7 +115,7 @@ def test_converges_to_the_probability_flow_solution(skip_type):
 
 def test_update_formula_and_clipping():
     x, eps, prev = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
-    coefs = torch.tensor([0.8, 0.6, 0.5, 0.3, -0.1])
+    coefs = torch.tensor([0.8, 0.6, 0.5, 0.3, -0.1, 0.0])
     x_next, x0 = dpm_solver_pp_update(x, eps, prev, coefs)
     torch.testing.assert_close(x0, (x - 0.6 * eps) / 0.8)
     torch.testing.assert_close(x_next, 0.5 * x + 0.3 * x0 - 0.1 * prev)
@@ -108,7 +135,7 @@ def test_time_grids_and_coefficients():
             grid = create_dpm_solver(steps, skip_type=skip).timesteps
             assert len(grid) == steps and grid[0] == 999 and (np.diff(grid) < 0).all() and grid[-1] >= 0
     # the last step jumps to zero noise (x_next = x0), the first is first order (no history term)
-    assert tu.coefs[-1, 2:].tolist() == [0.0, 1.0, 0.0]
+    assert tu.coefs[-1, 2:].tolist() == [0.0, 1.0, 0.0, 0.0]
     assert tu.coefs[0, 4] == 0.0 and tu.coefs[1, 4] != 0.0
     assert create_dpm_solver(10, order=1).coefs[:, 4].tolist() == [0.0] * 10
     # a cosine-schedule solver uses that schedule
@@ -161,13 +188,14 @@ def _available_step_backends():
             if name in ("reference", "cpu", "triton") and info.available and "sampler_step" in info.ops]
 
 
+@pytest.mark.parametrize("sde", [False, True])
 @pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_step_equals_reference_update(clip, dtype):
+def test_fused_step_equals_reference_update(clip, dtype, sde):
     """The solver's fused sampler step (DDIM mode with remapped coefficients, x0_prev in the noise
     slot) reproduces dpm_solver_pp_update step by step, on every backend available here."""
     from dit_fast import use_backend
-    solver = create_dpm_solver(7)
+    solver = create_dpm_solver(7, sde=sde)
     eps_fn = _toy_eps(channels=3)
     # learned-sigma shaped output: only the eps half may be used
     model = lambda x, t: torch.cat([eps_fn(x, t) * 4, torch.full_like(x, 7.0)], dim=1)  # noqa: E731
@@ -178,11 +206,12 @@ def test_fused_step_equals_reference_update(clip, dtype):
         for i in range(solver.num_steps):
             x_in, x0_prev = x, state["x0_prev"]
             it = torch.full((2,), i, dtype=torch.long)
+            z = torch.randn_like(x_in) if sde else None
             with torch.no_grad(), use_backend(backend):
-                x, state, x0 = solver.step(model, x_in, it, state, clip_denoised=clip)
+                x, state, x0 = solver.step(model, x_in, it, state, clip_denoised=clip, noise=z)
             eps = model(x_in, torch.full((2,), int(solver.timesteps[i])))[:, :3]
             coefs = torch.from_numpy(solver.coefs[i]).to(dtype)
-            x_ref, x0_ref = dpm_solver_pp_update(x_in, eps, x0_prev, coefs, clip)
+            x_ref, x0_ref = dpm_solver_pp_update(x_in, eps, x0_prev, coefs, clip, z)
             assert x.dtype == dtype
             # the same arithmetic up to the association of a few products: a few ulp of the size of
             # the terms summed, (|x| + sigma |eps|) / alpha (clipping can hide that size in the result)

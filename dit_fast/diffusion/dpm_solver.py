@@ -41,18 +41,23 @@ def dpm_solver_pp_update(
     x0_prev: torch.Tensor,
     coefs: torch.Tensor,
     clip_denoised: bool = False,
+    noise: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One DPM-Solver++ update from the model's eps.
+    """One DPM-Solver++ update from the model's eps (the PyTorch reference of the fused step).
 
-    :param coefs: float32 tensor (..., 5) of (alpha_s, sigma_s, a, b, c), broadcastable against x
-        after the last dim is split off (a (5,) row, or (N, 5) reshaped by the caller).
+    :param coefs: tensor (..., 6) of (alpha_s, sigma_s, a, b, c, d), broadcastable against x
+        after the last dim is split off (a (6,) row, or (N, 6) reshaped by the caller); d is the
+        noise coefficient of the SDE variant (0 for the ODE solver, where `noise` may be None).
     :return: (x_next, x0) where x0 is this step's data prediction (the next step's `x0_prev`).
     """
-    alpha_s, sigma_s, a, b, c = coefs.unbind(-1)
+    alpha_s, sigma_s, a, b, c, d = coefs.unbind(-1)
     x0 = (x - sigma_s * eps) / alpha_s
     if clip_denoised:
         x0 = x0.clamp(-1, 1)
-    return a * x + b * x0 + c * x0_prev, x0
+    x_next = a * x + b * x0 + c * x0_prev
+    if noise is not None:
+        x_next = x_next + d * noise
+    return x_next, x0
 
 
 class DPMSolverPlusPlus:
@@ -61,6 +66,9 @@ class DPMSolverPlusPlus:
     :param betas: the base process's betas (e.g. the 1000-step linear schedule DiT is trained with).
     :param num_steps: number of model evaluations.
     :param order: 1 (DPM-Solver++(1), equivalent to DDIM with eta=0 on the same grid) or 2 (2M).
+    :param sde: the stochastic variant (SDE-DPM-Solver++(2M), diffusers' "sde-dpmsolver++"): each
+        step adds fresh Gaussian noise, which corrects the model's errors along the way as ancestral
+        DDPM sampling does; deterministic (ODE) when False.
     :param skip_type: time grid: "time_uniform" (evenly spaced timesteps from T-1, diffusers'
         "linspace" spacing), "logSNR" (even in log-SNR) or "time_quadratic".
     The first step (no history yet) and the final step, to zero noise, are first order (as in
@@ -77,6 +85,7 @@ class DPMSolverPlusPlus:
         num_steps: int,
         order: int = 2,
         skip_type: str = "time_uniform",
+        sde: bool = False,
     ) -> None:
         _check_num_steps(num_steps, "num_steps")
         if order not in (1, 2):
@@ -94,9 +103,10 @@ class DPMSolverPlusPlus:
         self.num_steps = int(num_steps)
         self.order = order
         self.skip_type = skip_type
+        self.sde = bool(sde)
         self.alphas_cumprod = np.cumprod(1.0 - betas)
         self.timesteps = self._time_grid()                       # (num_steps,) int64, decreasing
-        self.coefs = self._coefficients()                        # (num_steps, 5) float64
+        self.coefs = self._coefficients()                        # (num_steps, 6) float64
         self._tables: Dict[Tuple[torch.device, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ schedule
@@ -129,30 +139,38 @@ class DPMSolverPlusPlus:
         alpha, sigma = np.sqrt(ab), np.sqrt(1.0 - ab)
         lam = np.log(alpha) - np.log(sigma)
         N = self.num_steps
-        out = np.zeros((N, 5), dtype=np.float64)
+        out = np.zeros((N, 6), dtype=np.float64)
         for i in range(N):
             final = i == N - 1
             out[i, 0], out[i, 1] = alpha[i], sigma[i]
             if final:                                   # to zero noise: x_next = x0
-                out[i, 2:] = (0.0, 1.0, 0.0)
+                out[i, 2:] = (0.0, 1.0, 0.0, 0.0)
                 continue
             h = lam[i + 1] - lam[i]
-            phi = -np.expm1(-h)                         # 1 - e^{-h}
-            a = sigma[i + 1] / sigma[i]
+            if self.sde:                                # x_next = a x + phi alpha_t D + sigma_t sqrt(phi) z
+                phi = -np.expm1(-2.0 * h)               # 1 - e^{-2h}
+                a = sigma[i + 1] / sigma[i] * np.exp(-h)
+                d = sigma[i + 1] * np.sqrt(phi)
+            else:                                       # x_next = a x + phi alpha_t D
+                phi = -np.expm1(-h)                     # 1 - e^{-h}
+                a = sigma[i + 1] / sigma[i]
+                d = 0.0
             if self.order == 1 or i == 0:
-                out[i, 2:] = (a, alpha[i + 1] * phi, 0.0)
-            else:
+                out[i, 2:] = (a, alpha[i + 1] * phi, 0.0, d)
+            else:                                       # D = x0 + (x0 - x0_prev) / (2 r0): midpoint
                 r0 = (lam[i] - lam[i - 1]) / h
-                out[i, 2:] = (a, alpha[i + 1] * phi * (1 + 0.5 / r0), -alpha[i + 1] * phi * 0.5 / r0)
+                out[i, 2:] = (a, alpha[i + 1] * phi * (1 + 0.5 / r0), -alpha[i + 1] * phi * 0.5 / r0, d)
         return out
 
     def fused_coefficients(self) -> np.ndarray:
         """(num_steps, 8) float64: the per-step coefficients of the fused sampler step (DDIM mode,
-        x0_prev in the noise slot) that reproduce `dpm_solver_pp_update` (see the module comment)."""
+        x0_prev in the noise slot) that reproduce `dpm_solver_pp_update` (see the module comment).
+        The SDE variant puts c x0_prev + d z in the noise slot, with coefficient 1."""
         alpha, sigma, a, b, c = (self.coefs[:, k] for k in range(5))
+        slot = np.ones_like(c) if self.sde else c
         return ddim_coefs(torch.from_numpy(1.0 / alpha), torch.from_numpy(sigma / alpha),
                           torch.from_numpy(b + a * alpha), torch.from_numpy(a * sigma),
-                          torch.from_numpy(c), dtype=torch.float64).numpy()
+                          torch.from_numpy(slot), dtype=torch.float64).numpy()
 
     def _table(self, name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         key = (torch.device(device), name, dtype)
@@ -160,6 +178,8 @@ class DPMSolverPlusPlus:
         if table is None:
             if name == "fused":
                 table = torch.from_numpy(self.fused_coefficients()).to(device=device, dtype=dtype)
+            elif name == "sde":  # (c, d): the noise slot of the SDE variant is c x0_prev + d z
+                table = torch.from_numpy(self.coefs[:, 4:6].copy()).to(device=device, dtype=dtype)
             else:
                 table = torch.from_numpy(self.timesteps).to(device)
             self._tables[key] = table
@@ -183,10 +203,12 @@ class DPMSolverPlusPlus:
         state: Dict[str, torch.Tensor],
         model_kwargs: Optional[Dict[str, Any]] = None,
         clip_denoised: bool = False,
+        noise: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
         """Step `i` (an int64 tensor of shape (N,) holding the step index for every sample).
 
         Pure tensor code without host synchronization, so it can be compiled and CUDA-graph captured.
+        `noise` (like x) is used by the SDE variant only (drawn with randn_like when None).
         :return: (x_next, new state, x0 prediction).
         """
         t = self._table("timesteps", x.device)[i]                                  # (N,)
@@ -200,9 +222,15 @@ class DPMSolverPlusPlus:
                 or model_output.shape[0] != x.shape[0]:
             raise ValueError(f"model output must have shape {tuple(x.shape)} (eps) or {(x.shape[0], 2 * C, *x.shape[2:])} "
                              f"(eps and learned variance), got {tuple(model_output.shape)}")
-        # One fused pass: x0 from eps, then a*x + b*x0 + c*x0_prev (x0_prev rides in the noise slot).
-        x_next, x0 = sampler_step(model_output, x, state["x0_prev"], coefs, mode=MODE_DDIM,
-                                  clip_denoised=clip_denoised)
+        # One fused pass: x0 from eps, then a*x + b*x0 + c*x0_prev (x0_prev rides in the noise slot;
+        # the SDE variant puts c*x0_prev + d*z there).
+        slot = state["x0_prev"]
+        if self.sde:
+            if noise is None:
+                noise = torch.randn_like(x)
+            cd = self._table("sde", x.device, table_dtype)[i].view(-1, 2, *([1] * (x.ndim - 1)))
+            slot = cd[:, 0] * slot + cd[:, 1] * noise.to(slot.dtype)
+        x_next, x0 = sampler_step(model_output, x, slot, coefs, mode=MODE_DDIM, clip_denoised=clip_denoised)
         x_next, x0 = x_next.to(x.dtype), x0.to(x.dtype)
         return x_next, {"x0_prev": x0}, x0
 
@@ -238,7 +266,8 @@ class DPMSolverPlusPlus:
         for i in indices:
             it = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
             with torch.no_grad():
-                x, state, x0 = self.step(model, x, it, state, model_kwargs, clip_denoised)
+                x, state, x0 = self.step(model, x, it, state, model_kwargs, clip_denoised,
+                                         torch.randn_like(x) if self.sde else None)
             yield {"sample": x, "pred_xstart": x0}
 
     def sample_loop(
@@ -260,6 +289,7 @@ class DPMSolverPlusPlus:
 
     def __repr__(self) -> str:
         return (f"DPMSolverPlusPlus(num_steps={self.num_steps}, order={self.order}, skip_type={self.skip_type!r}, "
+                f"sde={self.sde}, "
                 f"num_train_timesteps={self.num_train_timesteps})")
 
 
@@ -269,6 +299,7 @@ def create_dpm_solver(
     diffusion_steps: int = 1000,
     order: int = 2,
     skip_type: str = "time_uniform",
+    sde: bool = False,
 ) -> DPMSolverPlusPlus:
     """DPM-Solver++ on the schedule `create_diffusion` builds (same `noise_schedule`, `diffusion_steps`)."""
     _check_num_steps(diffusion_steps, "diffusion_steps")
@@ -276,4 +307,4 @@ def create_dpm_solver(
         raise ValueError(f"noise_schedule: unknown beta schedule {noise_schedule!r}; expected one of "
                          f"{', '.join(map(repr, NAMED_BETA_SCHEDULES))}")
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
-    return DPMSolverPlusPlus(betas, num_steps, order=order, skip_type=skip_type)
+    return DPMSolverPlusPlus(betas, num_steps, order=order, skip_type=skip_type, sde=sde)

@@ -28,7 +28,7 @@ from ..diffusion.gaussian_diffusion import GaussianDiffusion
 __all__ = ["SAMPLERS", "MODES", "DiffusionStepper", "LoopRunner", "find_step_cache", "make_sampler", "sample_loop",
            "default_steps"]
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "sde-dpm-solver++")
 MODES = ("eager", "compile", "cuda_graph", "compile_cuda_graph")
 
 Model = Callable[..., Any]
@@ -36,7 +36,7 @@ Model = Callable[..., Any]
 
 def default_steps(sampler: str) -> int:
     """Default number of steps for a sampler: 250 (DDPM, the official default), 50 (DDIM), 20 (DPM-Solver++)."""
-    return {"ddpm": 250, "ddim": 50, "dpm-solver++": 20}[sampler]
+    return {"ddpm": 250, "ddim": 50, "dpm-solver++": 20, "sde-dpm-solver++": 20}[sampler]
 
 
 class DiffusionStepper:
@@ -75,13 +75,12 @@ class DiffusionStepper:
 
 
 class _DPMStepper:
-    """DPMSolverPlusPlus as a stepper (deterministic: no noise)."""
-
-    uses_noise = False
+    """DPMSolverPlusPlus as a stepper (noise per step for the SDE variant only)."""
 
     def __init__(self, solver: DPMSolverPlusPlus) -> None:
         self.solver = solver
         self.num_steps = solver.num_steps
+        self.uses_noise = solver.sde
 
     def step_indices(self) -> List[int]:
         return self.solver.step_indices()
@@ -90,7 +89,7 @@ class _DPMStepper:
         return self.solver.init_state(x)
 
     def step(self, model, x, i, state, model_kwargs=None, clip_denoised=False, noise=None):
-        return self.solver.step(model, x, i, state, model_kwargs, clip_denoised)
+        return self.solver.step(model, x, i, state, model_kwargs, clip_denoised, noise)
 
     def __repr__(self) -> str:
         return f"_DPMStepper({self.solver!r})"
@@ -99,16 +98,18 @@ class _DPMStepper:
 def make_sampler(name: str, num_steps: Optional[int] = None, *, eta: float = 0.0, skip_type: str = "time_uniform",
                  noise_schedule: str = "linear", diffusion_steps: int = 1000):
     """A stepper by name: "ddpm" (create_diffusion(str(num_steps)) + p_sample), "ddim" (the same
-    respacing + ddim_sample, eta) or "dpm-solver++" (DPM-Solver++(2M), skip_type)."""
+    respacing + ddim_sample, eta), "dpm-solver++" (DPM-Solver++(2M), skip_type) or "sde-dpm-solver++"
+    (its stochastic variant)."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
     if num_steps is None:
         num_steps = default_steps(name)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= diffusion_steps:
         raise ValueError(f"num_steps must be an int in [1, {diffusion_steps}], got {num_steps!r}")
-    if name == "dpm-solver++":
+    if name in ("dpm-solver++", "sde-dpm-solver++"):
         return _DPMStepper(create_dpm_solver(num_steps, noise_schedule=noise_schedule,
-                                             diffusion_steps=diffusion_steps, skip_type=skip_type))
+                                             diffusion_steps=diffusion_steps, skip_type=skip_type,
+                                             sde=name.startswith("sde")))
     diffusion = create_diffusion(str(num_steps), noise_schedule=noise_schedule, diffusion_steps=diffusion_steps)
     return DiffusionStepper(diffusion, kind=name, eta=eta)
 

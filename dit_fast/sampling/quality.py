@@ -10,7 +10,7 @@ evaluations, wall time, and for step caching the fraction of calls that reused t
 A row "real digits" gives the metric's floor: N real digits against all of them.
 
 Default configurations: DDPM-250 (the official sampler), DDIM-50, DPM-Solver++ with 10 and 20
-steps (both time grids), DDIM-10/20 (the same budgets), and step caching on DDPM-250 and DDIM-50 at
+steps (both time grids), its SDE variant with 10 and 20 steps, DDIM-10/20 (the same budgets), and step caching on DDPM-250 and DDIM-50 at
 a few thresholds. On a loaded CPU run it single-threaded (OMP_NUM_THREADS=1): oversubscribed
 OpenMP threads slow PyTorch down several times.
 """
@@ -30,7 +30,7 @@ from .step_cache import StepCache
 
 DEFAULT_CONFIGS = [
     "ddpm:250", "ddim:50", "dpm-solver++:10", "dpm-solver++:20", "dpm-solver++:10:logSNR",
-    "dpm-solver++:20:logSNR", "ddim:10", "ddim:20",
+    "dpm-solver++:20:logSNR", "sde-dpm-solver++:10", "sde-dpm-solver++:20", "ddim:10", "ddim:20",
     # DDPM re-noises every step (probe change ~0.1-0.2 per step), DDIM is smooth (~0.01): other scales
     "ddpm:250:cache=0.15", "ddpm:250:cache=0.3", "ddpm:250:cache=0.5",
     "ddim:50:cache=0.02", "ddim:50:cache=0.05", "ddim:50:cache=0.1",
@@ -125,10 +125,13 @@ def _evaluate(model, clf, configs, num_samples, batch_size, cfg_scale, seed, ckp
 def markdown(report: Dict[str, Any]) -> str:
     lines = ["| configuration | NFE | accuracy | Fréchet distance | seconds | cache reuse |",
              "|---|---:|---:|---:|---:|---:|"]
+    def fmt(r, key, spec):  # blank where a column does not apply (real digits, no cache)
+        return format(r[key], spec) if key in r else ""
+
     for r in report["rows"]:
-        lines.append(f"| {r['config']} | {r.get('model_evals', '')} | {r['accuracy']:.4f} | "
-                     f"{r['frechet_distance']:.3f} | {r.get('seconds', float('nan')):.1f} | "
-                     f"{r.get('reuse_fraction', float('nan')):.2f} |")
+        lines.append(f"| {r['config']} | {fmt(r, 'model_evals', 'd')} | {r['accuracy']:.4f} | "
+                     f"{r['frechet_distance']:.3f} | {fmt(r, 'seconds', '.1f')} | "
+                     f"{fmt(r, 'reuse_fraction', '.2f')} |")
     return "\n".join(lines)
 
 
