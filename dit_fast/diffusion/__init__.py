@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 from . import gaussian_diffusion as gd
+from .dpm_solver import DPMSolverPlusPlus, create_dpm_solver
 from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 from .respace import SpacedDiffusion, space_timesteps
 from .timestep_sampler import create_named_schedule_sampler
@@ -21,6 +22,8 @@ __all__ = [
     "ModelVarType",
     "LossType",
     "create_named_schedule_sampler",
+    "create_dpm_solver",
+    "DPMSolverPlusPlus",
 ]
 
 
