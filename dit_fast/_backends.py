@@ -3,7 +3,8 @@
 Backends, fastest first for `auto`:
 
   ``cuda``       hand-written CUDA kernels (extension ``dit_fast._C_cuda``), CUDA tensors
-  ``triton``     Triton kernels, CUDA tensors
+  ``triton``     Triton kernels, CUDA tensors (and CPU tensors under the Triton interpreter,
+                 TRITON_INTERPRET=1, when forced: see below)
   ``cpu``        C++/OpenMP kernels (extension ``dit_fast._C``), CPU tensors
   ``reference``  pure PyTorch, any device (always available; every op must have one)
 
@@ -19,6 +20,11 @@ Ops declare what they implement with `register_op`::
 
     register_op("ln_modulate", {"reference": None,                 # None: any dtype
                                 "cpu": (torch.float32, torch.bfloat16, torch.float64)})
+
+Triton interpreter: with TRITON_INTERPRET=1 (set before any Triton kernel module is imported, as
+tests/conftest.py does on machines without a GPU) the ``triton`` backend is "available
+(interpreter)" and also serves CPU tensors, but only when forced (``use_backend("triton")``) —
+``auto`` never picks it for CPU tensors (it is a slow, NumPy-based emulator meant for testing).
 
 `use_backend` is process-wide (like ``torch.nn.attention.sdpa_kernel``), not per thread, so it also
 applies to backward passes that the autograd engine runs in its own threads.
@@ -50,7 +56,15 @@ _DEVICE_TYPES: dict[str, Optional[tuple[str, ...]]] = {
     "reference": None, "cpu": ("cpu",), "triton": ("cuda",), "cuda": ("cuda",),
 }
 
+# Device types the triton backend additionally serves, when forced, under TRITON_INTERPRET=1.
+_INTERPRETER_DEVICE_TYPES = ("cpu",)
+
 DeviceLike = Union[torch.Tensor, torch.device, str]
+
+
+def triton_interpreter() -> bool:
+    """True when Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -60,9 +74,12 @@ class BackendInfo:
     reason: Optional[str]                  # why not (None when available)
     device_types: Optional[tuple[str, ...]]  # tensor device types it serves (None: any)
     ops: tuple[str, ...]                   # registered ops that implement it
+    note: Optional[str] = None             # e.g. "interpreter" for Triton under TRITON_INTERPRET=1
 
     def __str__(self) -> str:
         state = "available" if self.available else f"unavailable: {self.reason}"
+        if self.available and self.note:
+            state += f" ({self.note})"
         return f"{self.name}: {state}; ops: {', '.join(self.ops) or '-'}"
 
 
@@ -102,7 +119,7 @@ def _probe_triton() -> Optional[str]:
         if err is not None:
             reasons.append(f"triton not importable: {err}")
     no_dev = _no_cuda_device()
-    if no_dev:
+    if no_dev and not triton_interpreter():  # the interpreter runs without a GPU
         reasons.append(no_dev)
     return "; ".join(reasons) or None
 
@@ -222,13 +239,18 @@ def _device_type(t: DeviceLike) -> str:
 
 
 def _reject(name: str, op_name: str, impls: Mapping[str, Optional[frozenset]], device_type: str,
-            dtype: Optional[torch.dtype]) -> Optional[str]:
-    """None if backend `name` can serve this call, else why not."""
+            dtype: Optional[torch.dtype], auto: bool = False) -> Optional[str]:
+    """None if backend `name` can serve this call (`auto`: be picked automatically for it),
+    else why not."""
     if name not in impls:
         have = ", ".join(b for b in BACKENDS if b in impls)
         return f"op {op_name!r} has no {name} implementation (it has: {have})"
     devs = _DEVICE_TYPES[name]
-    if devs is not None and device_type not in devs:
+    if (name == "triton" and device_type in _INTERPRETER_DEVICE_TYPES and triton_interpreter()):
+        if auto:  # the interpreter is for tests: only a forced request gets it
+            return (f"auto never picks the Triton interpreter for {device_type} tensors "
+                    f"(force it with use_backend('triton'))")
+    elif devs is not None and device_type not in devs:
         return f"the {name} backend runs on {'/'.join(devs)} tensors, not {device_type}"
     dtypes = impls[name]
     if dtypes is not None and dtype is not None and dtype not in dtypes:
@@ -249,12 +271,15 @@ def _impls_for(op_name: str, available_for_op: Optional[Iterable[str]]):
 
 
 def explain(op_name: str, tensor: DeviceLike,
-            available_for_op: Optional[Iterable[str]] = None) -> dict[str, Optional[str]]:
-    """{backend: None if it could serve `op_name` for `tensor`, else why not}, in auto order."""
+            available_for_op: Optional[Iterable[str]] = None,
+            auto: bool = False) -> dict[str, Optional[str]]:
+    """{backend: None if it could serve `op_name` for `tensor` when forced (with auto=True: if
+    ``auto`` could pick it), else why not}, in auto order. The two differ only for the Triton
+    interpreter on CPU tensors."""
     impls = _impls_for(op_name, available_for_op)
     dtype = tensor.dtype if isinstance(tensor, torch.Tensor) else None
     dev = _device_type(tensor)
-    return {b: _reject(b, op_name, impls, dev, dtype) for b in _AUTO_ORDER}
+    return {b: _reject(b, op_name, impls, dev, dtype, auto=auto) for b in _AUTO_ORDER}
 
 
 def select(op_name: str, tensor: DeviceLike,
@@ -276,11 +301,12 @@ def select(op_name: str, tensor: DeviceLike,
                 return hit
         impls = _impls_for(op_name, available_for_op)
         for name in _AUTO_ORDER:
-            if _reject(name, op_name, impls, dev, dtype) is None:
+            if _reject(name, op_name, impls, dev, dtype, auto=True) is None:
                 if key is not None:
                     _auto_cache[key] = name
                 return name
-        reasons = "; ".join(f"{b}: {r}" for b, r in explain(op_name, tensor, available_for_op).items())
+        reasons = "; ".join(f"{b}: {r}" for b, r in
+                            explain(op_name, tensor, available_for_op, auto=True).items())
         raise RuntimeError(f"dit_fast: no backend can run {op_name!r} on a {dev} tensor ({reasons})")
     impls = _impls_for(op_name, available_for_op)
     reason = _reject(requested, op_name, impls, dev, dtype)
@@ -306,7 +332,9 @@ def backends(refresh: bool = False) -> dict[str, BackendInfo]:
     out = {}
     for name in BACKENDS:
         reason = _probe(name)
+        note = ("interpreter" if name == "triton" and reason is None and triton_interpreter()
+                and not torch.cuda.is_available() else None)
         out[name] = BackendInfo(name=name, available=reason is None, reason=reason,
                                 device_types=_DEVICE_TYPES[name],
-                                ops=tuple(op for op, bs in ops.items() if name in bs))
+                                ops=tuple(op for op, bs in ops.items() if name in bs), note=note)
     return out
