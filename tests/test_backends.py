@@ -50,10 +50,9 @@ def test_report_structure():
     assert report["reference"].available and report["reference"].device_types is None
     assert report["cpu"].device_types == ("cpu",)
     assert report["cuda"].device_types == report["triton"].device_types == ("cuda",)
-    # ln_modulate is registered for reference / cpu / cuda (no Triton kernel yet)
-    for name in ("reference", "cpu", "cuda"):
+    # ln_modulate is registered for every backend
+    for name in ("reference", "cpu", "triton", "cuda"):
         assert OP in report[name].ops
-    assert OP not in report["triton"].ops
 
 
 def test_report_reasons_match_this_machine():
@@ -183,8 +182,9 @@ def test_use_backend_rejects_unknown_names():
 
 def test_forced_backend_errors_name_the_reason(temp_op):
     x = torch.empty(1)
+    cpu_only = temp_op("_test_ref_cpu_only", ["reference", "cpu"])
     with use_backend("triton"), pytest.raises(RuntimeError, match="no triton implementation"):
-        select(OP, x)
+        select(cpu_only, x)
     with use_backend("cuda"), pytest.raises(RuntimeError, match=r"use_backend\('cuda'\)"):
         select(OP, x)
     op = temp_op("_test_cpu_f32", {"reference": None, "cpu": [torch.float32]})
@@ -214,4 +214,4 @@ def test_register_op_validation(temp_op):
         select("_test_missing", torch.empty(1))
     temp_op("_test_ok", ("reference", "cuda"))
     assert _backends.registered_ops()["_test_ok"] == ("reference", "cuda")
-    assert _backends.registered_ops()[OP] == ("reference", "cpu", "cuda")
+    assert _backends.registered_ops()[OP] == ("reference", "cpu", "triton", "cuda")
