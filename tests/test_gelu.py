@@ -184,15 +184,44 @@ def test_linear_gelu(backend, device, dtype):
         dout = torch.randn_like(out_g)
         out_g.backward(dout)
     assert out.shape == (2, 7, 288) and out.dtype == dtype
-    assert torch.equal(out, unfused) and torch.equal(out_g.detach(), out)
-    # ground truth: the GEMM rounded to the storage dtype (as F.linear returns it), then exact
-    h = F.linear(x, w).double()
-    assert_close(out, gelu_bias_ref(h, b.double()))
+    if backend == "triton":  # one GEMM kernel with the epilogue: no rounding of x @ W.T + b
+        assert_close(out, linear_gelu_ref(*(t.double() for t in (x, w, b))))
+        assert_close(out_g.detach(), gelu_bias_ref(F.linear(x, w).double(), b.double()))
+    else:
+        assert torch.equal(out, unfused) and torch.equal(out_g.detach(), out)
+        # ground truth: the GEMM rounded to the storage dtype (as F.linear returns it), then exact
+        assert_close(out, gelu_bias_ref(F.linear(x, w).double(), b.double()))
     ref = [t.detach().double().requires_grad_() for t in (x, w, b)]
     linear_gelu_ref(*ref).backward(dout.double())
     if dtype == torch.float32:
         for name, got, want in zip(("dx", "dweight", "dbias"), (xg, wg, bg), ref):
             assert_close(got.grad, want.grad, kind="grad", msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICES if bd[0] == "triton"],
+                         ids=lambda v: v if isinstance(v, str) else None)
+def test_triton_linear_gelu_kernel_shapes(backend, device, dtype):
+    """The Triton GEMM + bias + GELU kernel: partial tiles in M, N and K, 2-D and 3-D x, a
+    non-contiguous weight, and the empty cases."""
+    require(backend, device, dtype)
+    k = GE._triton()
+    g = torch.Generator().manual_seed(3)
+    for xs, K, Fd in (((1, 1, 33), 33, 100), ((3, 7, 72), 72, 288), ((70, 40), 40, 1000)):
+        x = torch.randn(*xs, generator=g).to(device=device, dtype=dtype)
+        w = (torch.randn(Fd, K, generator=g) / K ** 0.5).to(device=device, dtype=dtype)
+        b = (0.5 * torch.randn(Fd, generator=g)).to(device=device, dtype=dtype)
+        out = k.linear_gelu_fwd(x, w, b)
+        assert out.shape == (*xs[:-1], Fd) and out.dtype == dtype
+        assert_close(out, linear_gelu_ref(x.double(), w.double(), b.double()), msg=f"{xs} {Fd}")
+    wt = torch.randn(40, 16, device=device, dtype=dtype).t()  # (16, 40), non-contiguous
+    x = torch.randn(5, 40, device=device, dtype=dtype)
+    b = torch.randn(16, device=device, dtype=dtype)
+    assert_close(k.linear_gelu_fwd(x, wt, b), linear_gelu_ref(x.double(), wt.double(), b.double()))
+    assert k.linear_gelu_fwd(x[:0], wt, b).shape == (0, 16)
+    assert_close(k.linear_gelu_fwd(x[:, :0], wt[:, :0], b), gelu_bias_ref(
+        torch.zeros(5, 16, dtype=torch.float64), b.double()))
 
 
 def test_linear_gelu_matches_dit_mlp_fc1_act():

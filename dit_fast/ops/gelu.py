@@ -6,7 +6,9 @@ add, and the DiT MLP's ``fc1 -> GELU`` built on it.
 
 `linear_gelu` runs the GEMM without bias (``F.linear(x, weight)``) and then the fused bias + GELU
 epilogue; in eager inference the epilogue overwrites the GEMM output in place (no extra
-(..., F) buffer). With autograd the pre-activation is kept for the backward (as nn.GELU does).
+(..., F) buffer), and the triton backend runs a single Triton GEMM with the bias + GELU epilogue
+(dit_fast/kernels/triton/gelu.py). With autograd (and under torch.compile) it is F.linear + the
+``dit_fast::gelu_bias`` op, keeping the pre-activation for the backward as nn.GELU does.
 
 Public API: `gelu_bias`, `linear_gelu` and the references `gelu_bias_ref`, `linear_gelu_ref`.
 Structure as dit_fast.ops.ln_modulate: custom op ``dit_fast::gelu_bias`` (fake impl, registered
@@ -208,7 +210,8 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     weight = fc1.weight (F, K), bias = fc1.bias (F,), x (..., K); returns (..., F) in x's dtype.
 
     The GEMM runs without bias (``F.linear(x, weight)``), then the fused bias + GELU epilogue of
-    the selected backend; in eager inference the epilogue works in place on the GEMM output.
+    the selected backend; in eager inference the epilogue works in place on the GEMM output (the
+    triton backend: one GEMM kernel with the epilogue).
     Differentiable w.r.t. x, weight and bias; torch.compile(fullgraph=True)-friendly. Raises
     ValueError for malformed inputs.
     """
@@ -230,8 +233,10 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
         raise ValueError(f"{op}: bias must have shape (F,) = ({weight.shape[0]},) to match weight, "
                          f"got {tuple(bias.shape)}")
-    h = F.linear(x, weight)  # (..., F), contiguous
     if not torch.compiler.is_compiling() and not _needs_autograd(x, weight, bias):
-        h = h.contiguous()
-        return _FWD_INPLACE[_backends.select(OP_NAME, h)](h, bias)
-    return _gelu_bias_op(h, bias)
+        backend = _backends.select(OP_NAME, x)
+        if backend == "triton":  # one kernel: GEMM + bias + GELU epilogue
+            return _triton().linear_gelu_fwd(x, weight, bias)
+        h = F.linear(x, weight).contiguous()  # (..., F)
+        return _FWD_INPLACE[backend](h, bias)
+    return _gelu_bias_op(F.linear(x, weight), bias)
