@@ -138,7 +138,8 @@ def _extensions():
     # torch binding is compiled with whatever standard torch's headers require, which
     # BuildExtension adds (C++17 for older torch, C++20 for torch >= 2.10), so no -std here.
 
-    cpu_sources = _rel([os.path.join(ROOT, CSRC, "binding.cpp")]
+    # csrc/binding.cpp defines the op library; csrc/binding_*.cpp add fragments to it.
+    cpu_sources = _rel(glob(os.path.join(ROOT, CSRC, "binding*.cpp"))
                        + glob(os.path.join(ROOT, CSRC, "cpu", "*.cpp")))
     depends = _rel(glob(os.path.join(ROOT, CSRC, "**", "*.h"), recursive=True)
                    + glob(os.path.join(ROOT, CSRC, "**", "*.cuh"), recursive=True))
@@ -161,7 +162,7 @@ def _extensions():
         SUMMARY["dit_fast._C_cuda"] = ("skipped", reason)
     else:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
-        cuda_sources = _rel([os.path.join(ROOT, CSRC, "cuda", "binding_cuda.cpp")]
+        cuda_sources = _rel(glob(os.path.join(ROOT, CSRC, "cuda", "binding*.cpp"))
                             + glob(os.path.join(ROOT, CSRC, "cuda", "*.cu")))
         exts.append(CUDAExtension(
             name="dit_fast._C_cuda",

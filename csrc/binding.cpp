@@ -15,6 +15,9 @@
 //   gelu_bias_fwd(Tensor h, Tensor bias) -> out;  gelu_bias_fwd_(Tensor(a!) h, Tensor bias) -> ()
 //       (in place; returns nothing, so that it can be functionalized)
 //   gelu_bias_bwd(Tensor dout, Tensor h, Tensor bias) -> (dh, dbias)
+//   attention_fwd(Tensor qkv, int num_heads) -> (out, lse)
+//       qkv (N, T, 3*D) (the qkv Linear's output; unit stride along the last dim, any N/T strides),
+//       out (N, T, D) heads merged, lse (N, H, T) float32 (float64 for float64 qkv)
 // (N, D) parameters (shift, scale, gate) may have any row stride but unit stride along D.
 // Fake (meta) kernels and autograd are registered from Python (dit_fast/ops/*.py).
 
@@ -25,10 +28,12 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
 #include "binding_utils.h"
+#include "cpu/attention.h"
 #include "cpu/gated_residual.h"
 #include "cpu/gelu.h"
 #include "cpu/isa.h"
@@ -187,6 +192,33 @@ std::tuple<Tensor, Tensor> gelu_bias_bwd_cpu(const Tensor& dout, const Tensor& h
   return {dh, dbias};
 }
 
+// ---- attention -------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& qkv, int64_t num_heads) {
+  const char* op = "dit_fast::attention_fwd";
+  TORCH_CHECK(qkv.dim() == 3, op, ": qkv must be a 3-D (N, T, 3*D) tensor, got shape ",
+              qkv.sizes());
+  TORCH_CHECK(num_heads > 0, op, ": num_heads must be positive, got ", num_heads);
+  TORCH_CHECK(qkv.size(2) % (3 * num_heads) == 0 && qkv.size(2) > 0, op,
+              ": qkv's last dim must be a positive multiple of 3 * num_heads = ", 3 * num_heads,
+              ", got ", qkv.size(2));
+  binding::check_dtype_supported(op, qkv, /*allow_half=*/false);
+  TORCH_CHECK(qkv.device().type() == c10::DeviceType::CPU, op,
+              ": qkv must be a CPU tensor for this kernel, got ", qkv.device());
+  TORCH_CHECK(qkv.size(2) <= 1 || qkv.stride(2) == 1, op,
+              ": qkv must have unit stride along its last dimension, got strides ", qkv.strides());
+  const int64_t N = qkv.size(0), T = qkv.size(1), D = qkv.size(2) / 3, H = num_heads;
+  const int64_t Dh = D / H;
+  Tensor out = at::empty({N, T, D}, qkv.options());
+  Tensor lse = at::empty({N, H, T}, qkv.options().dtype(binding::stats_dtype(qkv.scalar_type())));
+  const Status s = cpu::attention_fwd(
+      binding::to_dtype(qkv.scalar_type()), qkv.const_data_ptr(), N > 1 ? qkv.stride(0) : 0,
+      T > 1 ? qkv.stride(1) : 0, out.mutable_data_ptr(), lse.mutable_data_ptr(), N, T, H, Dh,
+      1.0 / std::sqrt(static_cast<double>(Dh)), at::get_num_threads());
+  TORCH_CHECK(s == Status::kOk, op, " (cpu): ", status_name(s));
+  return {out, lse};
+}
+
 }  // namespace
 }  // namespace dit_fast
 
@@ -207,6 +239,7 @@ TORCH_LIBRARY(dit_fast, m) {
   m.def("gelu_bias_fwd(Tensor h, Tensor bias) -> Tensor");
   m.def("gelu_bias_fwd_(Tensor(a!) h, Tensor bias) -> ()");
   m.def("gelu_bias_bwd(Tensor dout, Tensor h, Tensor bias) -> (Tensor, Tensor)");
+  m.def("attention_fwd(Tensor qkv, int num_heads) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dit_fast, CPU, m) {
@@ -219,6 +252,7 @@ TORCH_LIBRARY_IMPL(dit_fast, CPU, m) {
   m.impl("gelu_bias_fwd", &dit_fast::gelu_bias_fwd_cpu);
   m.impl("gelu_bias_fwd_", &dit_fast::gelu_bias_fwd_inplace_cpu);
   m.impl("gelu_bias_bwd", &dit_fast::gelu_bias_bwd_cpu);
+  m.impl("attention_fwd", &dit_fast::attention_fwd_cpu);
 }
 
 // ---- Python module `dit_fast._C`: importing it registers the ops above; a few CPU-runtime

@@ -21,10 +21,21 @@ Ops declare what they implement with `register_op`::
     register_op("ln_modulate", {"reference": None,                 # None: any dtype
                                 "cpu": (torch.float32, torch.bfloat16, torch.float64)})
 
+An op can also refine the registry per backend (keyword arguments of `register_op`):
+
+  ``probes={backend: fn}``    fn() -> None or a reason: whether *this op's* implementation can run on
+                              this machine, replacing the backend's generic probe (attention's
+                              ``cuda`` implementation is the flash-attn package, not dit_fast._C_cuda).
+  ``supports={backend: fn}``  fn(tensor) -> None or a reason: a per-input check beyond device and
+                              dtype (e.g. the head dim), run when `select` / `explain` get a tensor.
+                              Ops with such checks are not cached by shape-blind `auto` selection.
+
 Triton interpreter: with TRITON_INTERPRET=1 (set before any Triton kernel module is imported, as
 tests/conftest.py does on machines without a GPU) the ``triton`` backend is "available
-(interpreter)" and also serves CPU tensors, but only when forced (``use_backend("triton")``) —
-``auto`` never picks it for CPU tensors (it is a slow, NumPy-based emulator meant for testing).
+(interpreter)" and also serves CPU tensors (Triton's interpreter executes the kernels with NumPy),
+but only when forced (``use_backend("triton")``): ``auto`` never picks it for CPU tensors (it is a
+slow emulator meant for testing). `explain` gives auto's view by default (``forced=True``: a forced
+request's).
 
 `use_backend` is process-wide (like ``torch.nn.attention.sdpa_kernel``), not per thread, so it also
 applies to backward passes that the autograd engine runs in its own threads.
@@ -38,7 +49,7 @@ import importlib.util
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Optional, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -159,15 +170,20 @@ def _probe(name: str) -> Optional[str]:
 
 # op name -> {backend: frozenset of dtypes, or None for any dtype}
 _OPS: dict[str, dict[str, Optional[frozenset]]] = {}
+# op name -> {backend: op-specific availability probe () -> reason}; {backend: input check}
+_OP_PROBES: dict[str, dict[str, Callable[[], Optional[str]]]] = {}
+_OP_SUPPORTS: dict[str, dict[str, Callable[[torch.Tensor], Optional[str]]]] = {}
 _auto_cache: dict[tuple, str] = {}
 
 
 def register_op(op_name: str,
                 implementations: Union[Mapping[str, Optional[Iterable[torch.dtype]]], Iterable[str]],
+                *, probes: Optional[Mapping[str, Callable[[], Optional[str]]]] = None,
+                supports: Optional[Mapping[str, Callable[[torch.Tensor], Optional[str]]]] = None,
                 ) -> None:
     """Declares the backends implementing `op_name` (mapping backend -> supported dtypes or None
     for any, or just an iterable of backend names). Must include "reference". Re-registering
-    replaces the previous declaration."""
+    replaces the previous declaration. `probes` / `supports`: see the module docstring."""
     if not isinstance(implementations, Mapping):
         implementations = {name: None for name in implementations}
     impls = {}
@@ -176,8 +192,19 @@ def register_op(op_name: str,
         impls[name] = None if dtypes is None else frozenset(dtypes)
     if "reference" not in impls:
         raise ValueError(f"op {op_name!r} must have a 'reference' implementation")
+    extra = {}
+    for kind, fns in (("probes", probes), ("supports", supports)):
+        extra[kind] = dict(fns or {})
+        for name, fn in extra[kind].items():
+            if _check_name(name, allow_auto=False) not in impls:
+                raise ValueError(f"{kind}[{name!r}] given for op {op_name!r}, which has no {name} "
+                                 f"implementation")
+            if not callable(fn):
+                raise ValueError(f"{kind}[{name!r}] for op {op_name!r} must be callable")
     with _lock:
         _OPS[op_name] = impls
+        _OP_PROBES[op_name] = extra["probes"]
+        _OP_SUPPORTS[op_name] = extra["supports"]
         _auto_cache.clear()
 
 
@@ -238,25 +265,43 @@ def _device_type(t: DeviceLike) -> str:
     return torch.device(t).type
 
 
+def _triton_interpreted(name: str, device_type: str) -> bool:
+    """True if the triton backend would run on `device_type` tensors through Triton's interpreter
+    (TRITON_INTERPRET=1), which only a forced request gets."""
+    return (name == "triton" and device_type in _INTERPRETER_DEVICE_TYPES
+            and triton_interpreter())
+
+
 def _reject(name: str, op_name: str, impls: Mapping[str, Optional[frozenset]], device_type: str,
-            dtype: Optional[torch.dtype], auto: bool = False) -> Optional[str]:
-    """None if backend `name` can serve this call (`auto`: be picked automatically for it),
-    else why not."""
+            dtype: Optional[torch.dtype], tensor: Optional[DeviceLike] = None,
+            forced: bool = False) -> Optional[str]:
+    """None if backend `name` can serve this call, else why not."""
     if name not in impls:
         have = ", ".join(b for b in BACKENDS if b in impls)
         return f"op {op_name!r} has no {name} implementation (it has: {have})"
     devs = _DEVICE_TYPES[name]
-    if (name == "triton" and device_type in _INTERPRETER_DEVICE_TYPES and triton_interpreter()):
-        if auto:  # the interpreter is for tests: only a forced request gets it
-            return (f"auto never picks the Triton interpreter for {device_type} tensors "
-                    f"(force it with use_backend('triton'))")
-    elif devs is not None and device_type not in devs:
+    interpreted = _triton_interpreted(name, device_type)
+    if interpreted and not forced:  # the interpreter is for tests: only a forced request
+        return (f"the {name} backend runs on {'/'.join(devs)} tensors, not {device_type} "
+                f"(auto never picks the Triton interpreter for {device_type} tensors; force "
+                f"it with use_backend('triton'))")
+    if devs is not None and device_type not in devs and not interpreted:
         return f"the {name} backend runs on {'/'.join(devs)} tensors, not {device_type}"
     dtypes = impls[name]
     if dtypes is not None and dtype is not None and dtype not in dtypes:
         have = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
         return f"the {name} implementation of {op_name!r} does not support {dtype} (supports: {have})"
-    return _probe(name)
+    if interpreted:  # Triton's interpreter needs no GPU
+        reason = None if importlib.util.find_spec("triton") is not None else "triton not installed"
+    else:
+        op_probe = _OP_PROBES.get(op_name, {}).get(name)
+        reason = op_probe() if op_probe is not None else _probe(name)
+    if reason is not None:
+        return reason
+    check = _OP_SUPPORTS.get(op_name, {}).get(name)
+    if check is not None and isinstance(tensor, torch.Tensor):
+        return check(tensor)
+    return None
 
 
 def _impls_for(op_name: str, available_for_op: Optional[Iterable[str]]):
@@ -272,14 +317,14 @@ def _impls_for(op_name: str, available_for_op: Optional[Iterable[str]]):
 
 def explain(op_name: str, tensor: DeviceLike,
             available_for_op: Optional[Iterable[str]] = None,
-            auto: bool = False) -> dict[str, Optional[str]]:
-    """{backend: None if it could serve `op_name` for `tensor` when forced (with auto=True: if
-    ``auto`` could pick it), else why not}, in auto order. The two differ only for the Triton
-    interpreter on CPU tensors."""
+            forced: bool = False) -> dict[str, Optional[str]]:
+    """{backend: None if ``auto`` could pick it to serve `op_name` for `tensor` (with forced=True:
+    if a forced request could run it), else why not}, in auto order. The two differ only for the
+    Triton interpreter on CPU tensors."""
     impls = _impls_for(op_name, available_for_op)
     dtype = tensor.dtype if isinstance(tensor, torch.Tensor) else None
     dev = _device_type(tensor)
-    return {b: _reject(b, op_name, impls, dev, dtype, auto=auto) for b in _AUTO_ORDER}
+    return {b: _reject(b, op_name, impls, dev, dtype, tensor, forced=forced) for b in _AUTO_ORDER}
 
 
 def select(op_name: str, tensor: DeviceLike,
@@ -294,22 +339,22 @@ def select(op_name: str, tensor: DeviceLike,
     dtype = tensor.dtype if isinstance(tensor, torch.Tensor) else None
     dev = _device_type(tensor)
     if requested == "auto":
-        key = (op_name, dev, dtype) if available_for_op is None else None
+        key = ((op_name, dev, dtype)
+               if available_for_op is None and not _OP_SUPPORTS.get(op_name) else None)
         if key is not None:
             hit = _auto_cache.get(key)
             if hit is not None:
                 return hit
         impls = _impls_for(op_name, available_for_op)
         for name in _AUTO_ORDER:
-            if _reject(name, op_name, impls, dev, dtype, auto=True) is None:
+            if _reject(name, op_name, impls, dev, dtype, tensor) is None:
                 if key is not None:
                     _auto_cache[key] = name
                 return name
-        reasons = "; ".join(f"{b}: {r}" for b, r in
-                            explain(op_name, tensor, available_for_op, auto=True).items())
+        reasons = "; ".join(f"{b}: {r}" for b, r in explain(op_name, tensor, available_for_op).items())
         raise RuntimeError(f"dit_fast: no backend can run {op_name!r} on a {dev} tensor ({reasons})")
     impls = _impls_for(op_name, available_for_op)
-    reason = _reject(requested, op_name, impls, dev, dtype)
+    reason = _reject(requested, op_name, impls, dev, dtype, tensor, forced=True)
     if reason is not None:
         raise RuntimeError(f"dit_fast: backend {requested!r} was requested ({source}) for "
                            f"{op_name!r} on a {dev} {str(dtype).replace('torch.', '')} tensor, "

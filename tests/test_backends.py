@@ -124,8 +124,8 @@ def test_triton_interpreter_serves_cpu_tensors_only_when_forced(temp_op, monkeyp
     monkeypatch.setitem(_backends._probe_cache, "triton", None)  # as if triton were importable
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert select(op, x) == "reference"
-    assert "auto never picks the Triton interpreter" in _backends.explain(op, x, auto=True)["triton"]
-    assert _backends.explain(op, x)["triton"] is None
+    assert "auto never picks the Triton interpreter" in _backends.explain(op, x)["triton"]
+    assert _backends.explain(op, x, forced=True)["triton"] is None
     with use_backend("triton"):
         assert select(op, x) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -215,3 +215,39 @@ def test_register_op_validation(temp_op):
     temp_op("_test_ok", ("reference", "cuda"))
     assert _backends.registered_ops()["_test_ok"] == ("reference", "cuda")
     assert _backends.registered_ops()[OP] == ("reference", "cpu", "triton", "cuda")
+
+
+def test_op_specific_probes_and_supports():
+    """`probes` replace a backend's machine probe for one op; `supports` add per-input checks
+    (given a tensor), and ops with such checks are not cached by shape-blind auto selection."""
+    name = "_test_probes_supports"
+    calls = []
+
+    def small_only(t):
+        calls.append(tuple(t.shape))
+        return None if t.shape[-1] <= 4 else f"last dim {t.shape[-1]} > 4"
+
+    try:
+        _backends.register_op(name, {"reference": None, "cpu": None},
+                              probes={"cpu": lambda: None}, supports={"cpu": small_only})
+        # the op probe replaces the cpu probe: available even without dit_fast._C
+        assert select(name, torch.empty(2, 3)) == "cpu"
+        assert select(name, torch.empty(2, 8)) == "reference"
+        assert select(name, torch.empty(2, 3)) == "cpu"
+        assert calls == [(2, 3), (2, 8), (2, 3)]
+        assert _backends.explain(name, torch.empty(2, 8))["cpu"] == "last dim 8 > 4"
+        assert _backends.explain(name, "cpu")["cpu"] is None  # no tensor: no input check
+        with use_backend("cpu"), pytest.raises(RuntimeError, match="last dim 8 > 4"):
+            select(name, torch.empty(2, 8))
+        _backends.register_op(name, {"reference": None, "cpu": None},
+                              probes={"cpu": lambda: "simulated: no library"})
+        assert _backends.explain(name, torch.empty(1))["cpu"] == "simulated: no library"
+        assert select(name, torch.empty(1)) == "reference"
+        with pytest.raises(ValueError, match="has no triton implementation"):
+            _backends.register_op(name, ["reference", "cpu"], supports={"triton": small_only})
+        with pytest.raises(ValueError, match="must be callable"):
+            _backends.register_op(name, ["reference", "cpu"], probes={"cpu": "yes"})
+    finally:
+        for table in (_backends._OPS, _backends._OP_PROBES, _backends._OP_SUPPORTS):
+            table.pop(name, None)
+        _backends._auto_cache.clear()

@@ -67,8 +67,9 @@ def test_cu_compiles_alone(cu, macros, tmp_path):
     assert (tmp_path / "k.o").stat().st_size > 0
 
 
-def test_cuda_binding_syntax(tmp_path):
-    """g++ -fsyntax-only on csrc/cuda/binding_cuda.cpp with torch + CUDA headers (a CPU-only torch
+@pytest.mark.parametrize("binding", sorted((CSRC / "cuda").glob("binding*.cpp")), ids=lambda p: p.name)
+def test_cuda_binding_syntax(binding, tmp_path):
+    """g++ -fsyntax-only on each csrc/cuda/binding*.cpp with torch + CUDA headers (a CPU-only torch
     wheel lacks one generated CUDA header; a stub stands in for it)."""
     torch = pytest.importorskip("torch")
     from torch.utils.cpp_extension import include_paths
@@ -87,4 +88,4 @@ def test_cuda_binding_syntax(tmp_path):
     std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 10) \
         else "-std=c++17"
     _run([cxx, std, "-fsyntax-only", *[f"-I{p}" for p in incs],
-          str(CSRC / "cuda" / "binding_cuda.cpp")])
+          str(binding)])

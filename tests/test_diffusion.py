@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import dit_fast
 from dit_fast.diffusion import create_diffusion, space_timesteps
 from dit_fast.diffusion.diffusion_utils import mean_flat, normal_kl
 from dit_fast.diffusion.gaussian_diffusion import LossType, ModelMeanType, ModelVarType
@@ -23,13 +24,7 @@ from dit_fast.diffusion.timestep_sampler import (
     create_named_schedule_sampler,
 )
 
-GOLDEN_PATH = Path(__file__).parent / "data" / "golden_A.pt"
 RTOL, ATOL = 1e-5, 1e-6
-
-
-@pytest.fixture(scope="module")
-def golden():
-    return torch.load(GOLDEN_PATH, weights_only=False)
 
 
 def _load_model(record):
@@ -47,8 +42,9 @@ def _golden_cases():
     the respaced schedule), losses {mse, vb, loss}, x_t, p_mean_variance outputs (mean, variance,
     log_variance, pred_xstart; clip_denoised=False), ddim_sample, num_timesteps, timestep_map.
     """
-    data = torch.load(GOLDEN_PATH, weights_only=False)
-    return [(i, r) for i, rec in enumerate(data["models"]) for r in rec["diffusion"]]
+    from conftest import _golden
+
+    return [(i, r) for i, rec in enumerate(_golden()["models"]) for r in rec["diffusion"]]
 
 
 GOLDEN_CASES = _golden_cases()
@@ -79,13 +75,17 @@ def test_golden_schedule(golden, model_idx, respacing):
 
 @pytest.mark.parametrize("model_idx,respacing", GOLDEN_CASES, ids=[f"m{i}-{r or 'full'}" for i, r in GOLDEN_CASES])
 def test_golden_model_outputs(golden, model_idx, respacing):
+    # The diffusion math is what is checked here, so the model runs on the reference backend (the
+    # official math). The fused model path is checked against the golden outputs in test_model.py:
+    # pred_xstart = sqrt(1/abar) x - sqrt(1/abar - 1) eps multiplies the model's round-off by up to
+    # ~157 at t = 999, which would turn a 1e-7 kernel difference into a diffusion "mismatch".
     record = golden["models"][model_idx]
     ref = record["diffusion"][respacing]
     model = _load_model(record)
     kwargs = dict(y=record["y"])
     diffusion = create_diffusion(timestep_respacing=respacing, learn_sigma=record["config"]["learn_sigma"])
 
-    with torch.no_grad():
+    with torch.no_grad(), dit_fast.use_backend("reference"):
         losses = diffusion.training_losses(model, ref["x0"], ref["t"], kwargs, noise=ref["noise"])
         assert set(ref["losses"]) <= set(losses)
         for key, expected in ref["losses"].items():

@@ -86,9 +86,9 @@ def test_model_instance():
 
 def _counted_flops(model, batch=2):
     """FLOPs that FlopCounterMode counts on a real forward (mm/addmm/bmm/conv: 2 per MAC).
-    Attention runs on the math SDPA backend, which decomposes into bmm; the fused CPU flash kernel
-    (aten._scaled_dot_product_flash_attention_for_cpu) has no FlopCounterMode formula and would be
-    silently left out."""
+    Self-attention is dit_fast's custom op (dit_fast.attention, counted through its registered flop
+    formula); the cross-attention block's extra layer runs on the math SDPA backend, which decomposes
+    into bmm (the fused CPU flash kernel has no FlopCounterMode formula and would be left out)."""
     s = model.config["input_size"]
     x = torch.randn(batch, model.in_channels, s, s)
     t = torch.randint(0, 1000, (batch,))
@@ -108,8 +108,8 @@ def test_flop_counter_dit_s8():
     assert counted == pytest.approx(true_gflop_per_image(model) * 1e9, rel=1e-12)
     # The paper-convention number only adds the LayerNorm term (not counted by FlopCounterMode):
     assert abs(dit_gflops("DiT-S/8") * 1e9 - counted / 2) / (counted / 2) < 0.01
-    # The attention matmuls (Q K^T, A V) are the bmm's.
-    assert by_op[torch.ops.aten.bmm] / 2 == 2 * dit_macs("DiT-S/8")["attn_matmul"]
+    # The attention matmuls (Q K^T, A V) are counted on the fused attention op.
+    assert by_op[torch.ops.dit_fast.attention] / 2 == 2 * dit_macs("DiT-S/8")["attn_matmul"]
 
 
 @pytest.mark.parametrize("block", BLOCKS)
@@ -120,7 +120,21 @@ def test_flop_counter_each_block(block):
     macs = dit_macs(model, count_norms=False)
     assert counted == 2 * macs["total"], (block, counted, 2 * macs["total"])
     expected_bmm = macs["attn_matmul"] + (TINY["depth"] * 2 * 16 * 2 * 64 if block == "cross-attention" else 0)
-    assert by_op[torch.ops.aten.bmm] / 2 / 2 == expected_bmm
+    attn = by_op[torch.ops.dit_fast.attention] + by_op.get(torch.ops.aten.bmm, 0)
+    assert attn / 2 / 2 == expected_bmm
     # With the LayerNorm term (not an op the counter knows), still within 2% even for this tiny model.
     with_norms = dit_macs(model)["total"]
     assert abs(with_norms - counted / 2) / (counted / 2) < 0.02
+
+
+def test_flop_counter_sees_attention_backward():
+    """The backward custom op has a formula too: 2.5x the forward matmuls (flash convention)."""
+    from dit_fast.ops import attention_qkv
+    qkv = torch.randn(2, 10, 3 * 16, requires_grad=True)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        attention_qkv(qkv, 2).sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    fwd = 2 * 2 * (2 * 2 * 10 * 10 * 8)  # two matmuls of N*H*T*T*Dh MACs, 2 FLOPs per MAC
+    assert counts[torch.ops.dit_fast.attention] == fwd
+    assert counts[torch.ops.dit_fast.attention_backward] == fwd * 5 // 2

@@ -9,9 +9,12 @@
 # and originally from Ho et al.'s TF diffusion code. Re-implemented for dit_fast with the same
 # public names, arguments and numerics (float64 numpy schedules, float32 coefficients).
 #
-# Layout for future kernels: the per-step arithmetic that follows the model call lives in small
+# Layout for kernels: the per-step arithmetic that follows the model call lives in small
 # pure-tensor methods (`_p_sample_step`, `_ddim_step`, `_ddim_reverse_step`, ...). The samplers call
-# them, so a fused implementation can be swapped in there without touching the loops.
+# them. `_p_sample_step` and `_ddim_step` run the fused sampler-step op (dit_fast.ops.sampler_step:
+# one kernel for x_0 prediction, clipping, posterior mean, learned-range variance and noise) when it
+# applies (epsilon prediction, no denoised_fn, learned-range or fixed variance), and the unfused
+# PyTorch code otherwise; both give the same float32 results (see tests/test_sampler_step.py).
 
 from __future__ import annotations
 
@@ -230,20 +233,26 @@ class GaussianDiffusion:
             self.fixed_large_variance = self.fixed_large_log_variance = np.array([])
 
         self._coef_cache: Dict[Tuple[str, torch.device], torch.Tensor] = {}
+        # (kind, device, eta) -> (num_timesteps, 8) float32 coefficient rows of the fused step
+        self._fused_cache: Dict[Tuple[str, torch.device, float], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
 
-    def _coef(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        """float32 schedule values `self.<name>[t]`, shaped [N, 1, ..., 1] with `ndim` dims."""
-        key = (name, t.device)
+    def _coef_table(self, name: str, device: torch.device) -> torch.Tensor:
+        """float32 schedule table `self.<name>` on `device` (cached)."""
+        key = (name, device)
         table = self._coef_cache.get(key)
         if table is None:
             arr = getattr(self, name)
             if arr.shape[0] != self.num_timesteps:
                 raise ValueError(f"schedule {name!r} is undefined for a {self.num_timesteps}-step diffusion")
-            table = torch.from_numpy(np.ascontiguousarray(arr)).float().to(t.device)
+            table = torch.from_numpy(np.ascontiguousarray(arr)).float().to(device)
             self._coef_cache[key] = table
-        return table[t].view(-1, *([1] * (ndim - 1)))
+        return table
+
+    def _coef(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """float32 schedule values `self.<name>[t]`, shaped [N, 1, ..., 1] with `ndim` dims."""
+        return self._coef_table(name, t.device)[t].view(-1, *([1] * (ndim - 1)))
 
     def _coef_full(self, name: str, t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """Like `_coef`, materialized to the full `shape` (as `_extract_into_tensor` returns)."""
@@ -269,11 +278,8 @@ class GaussianDiffusion:
     def _scale_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def _split_output(self, model_output: Any, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Any]:
-        """Split raw model output into (mean-part, variance-part or None, extra)."""
-        extra = None
-        if isinstance(model_output, tuple):
-            model_output, extra = model_output
+    def _check_output_shape(self, model_output: torch.Tensor, x: torch.Tensor) -> bool:
+        """Raises ValueError unless the raw model output fits x; True for learned variance."""
         B, C = x.shape[:2]
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
             expected = (B, C * 2, *x.shape[2:])
@@ -282,10 +288,19 @@ class GaussianDiffusion:
                     f"model output must have shape {expected} (mean and variance channels) for a "
                     f"learned-variance diffusion, got {tuple(model_output.shape)}"
                 )
-            mean_part, var_values = torch.split(model_output, C, dim=1)
-            return mean_part, var_values, extra
+            return True
         if tuple(model_output.shape) != tuple(x.shape):
             raise ValueError(f"model output must have shape {tuple(x.shape)}, got {tuple(model_output.shape)}")
+        return False
+
+    def _split_output(self, model_output: Any, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Any]:
+        """Split raw model output into (mean-part, variance-part or None, extra)."""
+        extra = None
+        if isinstance(model_output, tuple):
+            model_output, extra = model_output
+        if self._check_output_shape(model_output, x):
+            mean_part, var_values = torch.split(model_output, x.shape[1], dim=1)
+            return mean_part, var_values, extra
         return model_output, None, extra
 
     # ------------------------------------------------------------------ forward process q
@@ -441,6 +456,64 @@ class GaussianDiffusion:
         """x_{t-1} = mean + [t != 0] * exp(log_variance / 2) * noise."""
         return mean + self._nonzero_mask(t, mean.ndim) * torch.exp(0.5 * log_variance) * noise
 
+    # -- the fused sampler step (dit_fast.ops.sampler_step) --
+
+    def _fused_table(self, kind: str, device: torch.device, eta: float = 0.0) -> torch.Tensor:
+        """(num_timesteps, 8) float32 per-timestep coefficient rows of the fused step, computed
+        from the float32 tables with exactly the float32 operations of the unfused code (so a
+        gathered row equals what `_p_sample_step` / `_ddim_update` compute per sample)."""
+        key = (kind, device, float(eta))
+        table = self._fused_cache.get(key)
+        if table is not None:
+            return table
+        tab = lambda name: self._coef_table(name, device)  # noqa: E731
+        zeros = torch.zeros(self.num_timesteps, device=device)
+        mask = (torch.arange(self.num_timesteps, device=device) != 0).float()
+        if kind == "ddpm":
+            if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+                min_log, max_log = tab("posterior_log_variance_clipped"), tab("log_betas")
+            elif self.model_var_type == ModelVarType.FIXED_SMALL:
+                min_log, max_log = tab("posterior_log_variance_clipped"), zeros
+            else:
+                min_log, max_log = tab("fixed_large_log_variance"), zeros
+            cols = [tab("sqrt_recip_alphas_cumprod"), tab("sqrt_recipm1_alphas_cumprod"),
+                    tab("posterior_mean_coef1"), tab("posterior_mean_coef2"), min_log, max_log, mask]
+        else:  # ddim: as _ddim_update
+            alpha_bar, alpha_bar_prev = tab("alphas_cumprod"), tab("alphas_cumprod_prev")
+            sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+            cols = [tab("sqrt_recip_alphas_cumprod"), tab("sqrt_recipm1_alphas_cumprod"),
+                    torch.sqrt(alpha_bar_prev), torch.sqrt(1 - alpha_bar_prev - sigma**2), zeros, zeros,
+                    mask * sigma]
+        table = torch.stack(cols + [zeros], dim=1).contiguous()
+        self._fused_cache[key] = table
+        return table
+
+    def _fused_step_applies(self, model_output: Any, x: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor],
+                            denoised_fn: DenoisedFn, ddim: bool) -> bool:
+        """Whether the fused op reproduces the unfused step for these arguments."""
+        if denoised_fn is not None or self.model_mean_type != ModelMeanType.EPSILON:
+            return False
+        if not ddim and self.num_timesteps < 2:  # the posterior tables are undefined
+            return False
+        mo = model_output[0] if isinstance(model_output, tuple) else model_output
+        if not isinstance(mo, torch.Tensor) or not isinstance(t, torch.Tensor) or x.dim() < 2:
+            return False
+        if noise is not None and (noise.shape != x.shape or noise.dtype != x.dtype or noise.device != x.device):
+            return False
+        # float64 data: the unfused code mixes float32 coefficients with float64 tensors; the fused
+        # op reproduces that only when model output and x are both float64.
+        if (mo.dtype == torch.float64) != (x.dtype == torch.float64):
+            return False
+        # ... and a fixed variance's float32 exp(0.5 * log_variance) is float32 even for float64 data.
+        fixed_var = self.model_var_type in (ModelVarType.FIXED_SMALL, ModelVarType.FIXED_LARGE)
+        if not ddim and fixed_var and x.dtype == torch.float64:
+            return False
+        return mo.device == x.device == t.device
+
+    def _fused_coefs(self, kind: str, t: torch.Tensor, x: torch.Tensor, eta: float = 0.0) -> torch.Tensor:
+        rows = self._fused_table(kind, x.device, eta)[t]
+        return rows.double() if x.dtype == torch.float64 else rows
+
     def _p_sample_step(
         self,
         model_output: Any,
@@ -452,8 +525,93 @@ class GaussianDiffusion:
     ) -> Dict[str, torch.Tensor]:
         """One ancestral (DDPM) update from the raw model output:
         x_0 prediction -> posterior mean, model (learned-range) variance -> x_{t-1}."""
+        if self._fused_step_applies(model_output, x, t, noise, denoised_fn, ddim=False):
+            from ..ops import sampler_step as ss
+
+            mo = model_output[0] if isinstance(model_output, tuple) else model_output
+            self._check_output_shape(mo, x)  # same errors as the unfused path
+            learned = self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+            mode = ss.MODE_DDPM_LEARNED_RANGE if learned else ss.MODE_DDPM_FIXED
+            sample, pred = ss._run(mo, x, noise, self._fused_coefs("ddpm", t, x), mode, clip_denoised, None, None)
+            return {"sample": sample, "pred_xstart": pred}
         out = self._mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
         return {"sample": self._add_noise(out["mean"], out["log_variance"], noise, t), "pred_xstart": out["pred_xstart"]}
+
+    @staticmethod
+    def _cfg_combine(model_output: torch.Tensor, cfg_scale: float, guide_channels: int) -> torch.Tensor:
+        """The conditional half of forward_with_cfg's output, from the doubled-batch output."""
+        n = model_output.shape[0] // 2
+        cond, uncond = model_output[:n], model_output[n:]
+        g = guide_channels
+        half_eps = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
+        return torch.cat([half_eps, cond[:, g:]], dim=1)
+
+    def _resolve_guide_channels(self, guide_channels: Any, x: torch.Tensor) -> int:
+        C = x.shape[1]
+        if guide_channels == "all":
+            return C
+        if isinstance(guide_channels, bool) or not isinstance(guide_channels, int) or not 0 < guide_channels <= C:
+            raise ValueError(f"guide_channels must be 'all' or an int in [1, {C}], got {guide_channels!r}")
+        return guide_channels
+
+    def _check_cfg_output(self, model_output: Any, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(model_output, torch.Tensor) or model_output.dim() < 1 or model_output.shape[0] != 2 * x.shape[0]:
+            shape = tuple(model_output.shape) if isinstance(model_output, torch.Tensor) else type(model_output).__name__
+            raise ValueError(f"model_output must hold the doubled batch (2N = {2 * x.shape[0]}: conditional half, "
+                             f"then unconditional) for classifier-free guidance, got {shape}")
+        return model_output
+
+    def p_sample_step_cfg(
+        self,
+        model_output: torch.Tensor,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        cfg_scale: float,
+        guide_channels: Any = 3,
+        clip_denoised: bool = True,
+    ) -> Dict[str, torch.Tensor]:
+        """One DDPM step with classifier-free guidance, from the output of ONE `model.forward` call on
+        the doubled batch (``cat([x, x])``, ``cat([t, t])``, labels ``cat([y, null])``): model_output is
+        (2N, ...), conditional half first; x, t, noise are the N conditional samples. Equals
+        ``forward_with_cfg`` + `p_sample` on the first half (guide_channels: 3 = official, or "all"),
+        with the guidance combine fused into the step kernel."""
+        self._check_t(t, x.shape[0])
+        self._check_cfg_output(model_output, x)
+        g = self._resolve_guide_channels(guide_channels, x)
+        if self._fused_step_applies(model_output, x, t, noise, None, ddim=False):
+            from ..ops import sampler_step as ss
+
+            self._check_output_shape(model_output[: x.shape[0]], x)
+            learned = self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+            sample, pred = ss.ddpm_step(model_output, x, noise, self._fused_coefs("ddpm", t, x), learned_range=learned,
+                                        clip_denoised=clip_denoised, cfg_scale=float(cfg_scale), guide_channels=g)
+            return {"sample": sample, "pred_xstart": pred}
+        return self._p_sample_step(self._cfg_combine(model_output, cfg_scale, g), x, t, noise, clip_denoised)
+
+    def ddim_step_cfg(
+        self,
+        model_output: torch.Tensor,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        cfg_scale: float,
+        guide_channels: Any = 3,
+        clip_denoised: bool = True,
+        eta: float = 0.0,
+    ) -> Dict[str, torch.Tensor]:
+        """`p_sample_step_cfg` for DDIM."""
+        self._check_t(t, x.shape[0])
+        self._check_cfg_output(model_output, x)
+        g = self._resolve_guide_channels(guide_channels, x)
+        if isinstance(eta, (int, float)) and self._fused_step_applies(model_output, x, t, noise, None, ddim=True):
+            from ..ops import sampler_step as ss
+
+            self._check_output_shape(model_output[: x.shape[0]], x)
+            sample, pred = ss.ddim_step(model_output, x, noise, self._fused_coefs("ddim", t, x, eta),
+                                        clip_denoised=clip_denoised, cfg_scale=float(cfg_scale), guide_channels=g)
+            return {"sample": sample, "pred_xstart": pred}
+        return self._ddim_step(self._cfg_combine(model_output, cfg_scale, g), x, t, noise, eta, clip_denoised)
 
     def _ddim_update(
         self, x: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor, noise: torch.Tensor, eta: float
@@ -479,6 +637,14 @@ class GaussianDiffusion:
         denoised_fn: DenoisedFn = None,
     ) -> Dict[str, torch.Tensor]:
         """One DDIM update from the raw model output (the variance channels are ignored)."""
+        if isinstance(eta, (int, float)) and self._fused_step_applies(model_output, x, t, noise, denoised_fn, ddim=True):
+            from ..ops import sampler_step as ss
+
+            mo = model_output[0] if isinstance(model_output, tuple) else model_output
+            self._check_output_shape(mo, x)  # same errors as the unfused path
+            sample, pred = ss._run(mo, x, noise, self._fused_coefs("ddim", t, x, eta), ss.MODE_DDIM, clip_denoised,
+                                   None, None)
+            return {"sample": sample, "pred_xstart": pred}
         mean_part, _, _ = self._split_output(model_output, x)
         pred_xstart = self._pred_xstart(mean_part, x, t, clip_denoised, denoised_fn)
         return {"sample": self._ddim_update(x, t, pred_xstart, noise, eta), "pred_xstart": pred_xstart}

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import ln_modulate
+from ..ops import attention_qkv, ln_modulate
 
 BLOCK_TYPES = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")
 
@@ -69,12 +69,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        N, T, D = x.shape
-        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim)   # (N, T, 3, H, Dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                       # 3 x (N, H, T, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)                          # (N, H, T, Dh)
-        x = x.transpose(1, 2).reshape(N, T, D)                               # (N, T, D)
-        return self.proj(x)                                                  # (N, T, D)
+        qkv = self.qkv(x)                                # (N, T, 3D), packed (3, H, Dh) per token
+        x = attention_qkv(qkv, self.num_heads)           # (N, T, D), q/k/v read in place
+        return self.proj(x)                              # (N, T, D)
 
 
 class CrossAttention(nn.Module):

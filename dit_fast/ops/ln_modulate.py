@@ -86,6 +86,13 @@ def _unit_last(t: Tensor) -> Tensor:
 
 def _fwd_reference(x: Tensor, shift: Tensor, scale: Tensor, eps: float):
     acc = _stats_dtype(x.dtype)
+    if x.dtype == acc:
+        # fp32/fp64: native_layer_norm is what F.layer_norm runs, so y is bit-identical to the
+        # official modulate(norm(x), shift, scale); it also returns the statistics backward needs.
+        xhat, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), None, None, eps)
+        y = xhat * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        return y, mean.squeeze(-1), rstd.squeeze(-1)
+    # bf16/fp16: fp32 math, one rounding at the end.
     xf = x.to(acc)
     mean = xf.mean(-1, keepdim=True)
     xc = xf - mean

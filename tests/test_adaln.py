@@ -1,0 +1,293 @@
+"""dit_fast.ops.adaln: the batched adaLN projections (AdaLNPack) and the fused sinusoidal timestep
+embedding, every available backend against the official code / PyTorch reference."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dit_fast import _backends
+from dit_fast._backends import use_backend
+from dit_fast.ops import AdaLNPack, adaln_modulation_ref, timestep_embedding, timestep_embedding_ref
+from embed_helpers import BACKEND_DEVICES, BD_IDS, HAS_C, require
+
+A = importlib.import_module("dit_fast.ops.adaln")
+OP = A.OP_TIMESTEP_EMBEDDING
+
+
+def official(t, dim, max_period=10000):
+    """TimestepEmbedder.timestep_embedding of the drop-in model (the official code)."""
+    from dit_fast.models.dit import TimestepEmbedder
+    return TimestepEmbedder.timestep_embedding(t, dim, max_period)
+
+
+# ---- timestep embedding -----------------------------------------------------------------------
+
+T_CASES = {
+    "int64": torch.tensor([0, 1, 999, 500, 37, 250]),
+    "int32": torch.tensor([0, 3, 998], dtype=torch.int32),
+    "float32": torch.tensor([0.5, 998.25, 3.0, 1e-3]),
+    "float64": torch.tensor([0.25, 123.456, 999.0], dtype=torch.float64),
+    "batch1": torch.tensor([999]),
+}
+
+
+@pytest.mark.parametrize("dim", [256, 255, 2, 3, 72])
+@pytest.mark.parametrize("tcase", list(T_CASES))
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+def test_timestep_embedding_matches_official(backend, device, tcase, dim):
+    require(OP, backend, device)
+    t = T_CASES[tcase].to(device)
+    with use_backend(backend):
+        out = timestep_embedding(t, dim)
+    want = official(t, dim)
+    assert out.shape == want.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)  # float32 cos/sin: <= 1 ulp apart
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64],
+                         ids=["bfloat16", "float16", "float64"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+def test_timestep_embedding_output_dtype(backend, device, dtype):
+    """dtype= fuses `.to(model dtype)`: the float32 embedding rounded once."""
+    require(OP, backend, device, dtype)
+    t = T_CASES["int64"].to(device)
+    with use_backend(backend):
+        out = timestep_embedding(t, 256, dtype=dtype)
+    assert out.dtype == dtype
+    want = official(t, 256)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, want.double(), rtol=0, atol=1e-6)
+    else:  # the float32 values may differ by 1 ulp, which can flip one rounding: <= 1 ulp of dtype
+        torch.testing.assert_close(out.float(), want.to(dtype).float(), rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+def test_timestep_embedding_max_period_and_strided_t(backend, device):
+    require(OP, backend, device)
+    t = torch.arange(0, 40, device=device)[::7]  # non-contiguous
+    with use_backend(backend):
+        out = timestep_embedding(t, 64, max_period=100)
+    torch.testing.assert_close(out, official(t, 64, 100), rtol=0, atol=1e-6)
+
+
+def test_timestep_embedding_grad_wrt_float_t():
+    t = torch.tensor([0.5, 3.25, 100.0], dtype=torch.float64, requires_grad=True)
+    t2 = t.detach().clone().requires_grad_()
+    g = torch.randn(3, 16, dtype=torch.float32)
+    (timestep_embedding(t, 16) * g).sum().backward()
+    (official(t2, 16) * g).sum().backward()
+    torch.testing.assert_close(t.grad, t2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_timestep_embedding_in_model():
+    """Drop-in for TimestepEmbedder.forward (bf16 model: the embedding is cast to the weights' dtype)."""
+    from dit_fast.models.dit import TimestepEmbedder
+    emb = TimestepEmbedder(72)
+    t = torch.tensor([1, 500, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(emb.mlp(timestep_embedding(t, 256)), emb(t), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+def test_opcheck_timestep_embedding(backend, device):
+    require(OP, backend, device)
+    t = torch.tensor([1, 500, 999], device=device)
+    freqs = A._freqs(16, 10000, t.device)
+    with use_backend(backend):
+        torch.library.opcheck(torch.ops.dit_fast.timestep_embedding.default,
+                              (t, freqs, 16, torch.float32))
+        tf = torch.tensor([0.5, 3.0], device=device, requires_grad=True)
+        torch.library.opcheck(torch.ops.dit_fast.timestep_embedding.default,
+                              (tf, A._freqs(15, 10000, t.device), 15, torch.float32))
+
+
+@pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
+def test_opcheck_native_timestep_embedding():
+    freqs = A._freqs(16, 10000, torch.device("cpu"))
+    for dt in (torch.float32, torch.bfloat16, torch.float64):
+        torch.library.opcheck(torch.ops.dit_fast.timestep_embedding_fwd.default,
+                              (torch.tensor([1, 2]), freqs, 16, dt))
+    with pytest.raises(RuntimeError, match="freqs must have shape"):
+        torch.ops.dit_fast.timestep_embedding_fwd(torch.tensor([1]), freqs[:3], 16, torch.float32)
+    with pytest.raises(RuntimeError, match="t has unsupported dtype"):
+        torch.ops.dit_fast.timestep_embedding_fwd(torch.tensor([True]), freqs, 16, torch.float32)
+
+
+def test_timestep_embedding_compile_fullgraph():
+    compiled = torch.compile(lambda t: timestep_embedding(t, 32) * 2, fullgraph=True,
+                             backend="aot_eager")
+    t = torch.tensor([3, 999])
+    torch.testing.assert_close(compiled(t), official(t, 32) * 2, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("match,args,kwargs", [
+    ("t must be a torch.Tensor", ([1, 2],), {}),
+    ("t must be 1-D", (torch.zeros(2, 2),), {}),
+    ("t must be float32/float64/int32/int64", (torch.zeros(2, dtype=torch.bool),), {}),
+    ("dim must be an int >= 2", (torch.zeros(2),), {"dim": 1}),
+    ("max_period must be a positive number", (torch.zeros(2),), {"max_period": -1}),
+    ("dtype must be a floating-point", (torch.zeros(2),), {"dtype": torch.int32}),
+])
+def test_timestep_embedding_invalid_inputs(match, args, kwargs):
+    with pytest.raises(ValueError, match=match):
+        timestep_embedding(*args, **kwargs)
+
+
+def test_timestep_embedding_auto_backend():
+    out = torch.empty(0)
+    assert _backends.select(OP, out) == ("cpu" if HAS_C else "reference")
+    assert _backends.select(OP, out.half()) == "reference"
+
+
+# ---- AdaLNPack ----------------------------------------------------------------------------------
+
+def tiny_dit(**kw):
+    from dit_fast.models import DiT
+    cfg = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=72, depth=3, num_heads=2,
+               num_classes=10)
+    cfg.update(kw)
+    model = DiT(**cfg)
+    for blk in model.blocks:  # adaLN-Zero starts at zero: make the projections non-trivial
+        nn.init.normal_(blk.adaLN_modulation[1].weight, std=0.05)
+        nn.init.normal_(blk.adaLN_modulation[1].bias, std=0.05)
+    return model
+
+
+def linears(model):
+    return [b.adaLN_modulation[1] for b in model.blocks] + [model.final_layer.adaLN_modulation[1]]
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["copy", "share"])
+def test_pack_matches_each_block(share):
+    model = tiny_dit()
+    pack = AdaLNPack(linears(model), share_storage=share)
+    c = torch.randn(2, 72)
+    with torch.no_grad():
+        outs = pack(c)
+        refs = [blk.adaLN_modulation(c) for blk in model.blocks] + [model.final_layer.adaLN_modulation(c)]
+    assert [o.shape for o in outs] == [(2, 6 * 72)] * 3 + [(2, 2 * 72)]
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
+    # the chunks are strided views that ln_modulate reads in place
+    assert outs[0].stride() == (6 * 72 * 3 + 2 * 72, 1)
+
+
+def test_pack_cache_reused_and_rebuilt_on_change():
+    model = tiny_dit()
+    lins = linears(model)
+    pack = AdaLNPack(lins)
+    c = torch.randn(2, 72)
+    with torch.no_grad():
+        w1, _ = pack.stacked()
+        w2, _ = pack.stacked()
+        assert w1 is w2  # cached
+        lins[1].weight.add_(0.5)  # in-place edit: version counter
+        w3, _ = pack.stacked()
+        assert w3 is not w1
+        torch.testing.assert_close(pack(c)[1], model.blocks[1].adaLN_modulation(c))
+        model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
+        torch.testing.assert_close(pack(c)[2], model.blocks[2].adaLN_modulation(c))
+        lins[0].weight.data = torch.zeros_like(lins[0].weight)  # new storage: data_ptr
+        torch.testing.assert_close(pack(c)[0], model.blocks[0].adaLN_modulation(c))
+        lins[0].weight.data.fill_(0.25)  # writes through .data are invisible: invalidate()
+        pack.invalidate()
+        torch.testing.assert_close(pack(c)[0], model.blocks[0].adaLN_modulation(c))
+        model.double()  # .to(dtype)
+        cd = c.double()
+        torch.testing.assert_close(pack(cd)[3], model.final_layer.adaLN_modulation(cd))
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["copy", "share"])
+def test_pack_gradients_reach_each_block(share):
+    model = tiny_dit()
+    ref_model = copy.deepcopy(model)
+    pack = AdaLNPack(linears(model), share_storage=share)
+    c = torch.randn(2, 72, requires_grad=True)
+    c_ref = c.detach().clone().requires_grad_()
+    gs = [torch.randn(2, l.out_features) for l in linears(model)]
+    sum((o * g).sum() for o, g in zip(pack(c), gs)).backward()
+    sum((o * g).sum() for o, g in zip(adaln_modulation_ref(c_ref, linears(ref_model)), gs)).backward()
+    torch.testing.assert_close(c.grad, c_ref.grad, rtol=1e-5, atol=1e-5)  # summation order
+    for l, r in zip(linears(model), linears(ref_model)):
+        torch.testing.assert_close(l.weight.grad, r.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(l.bias.grad, r.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_pack_share_storage_training_step():
+    """share_storage: the parameters live in the stacked buffer; optimizer steps update it."""
+    model = tiny_dit()
+    lins = linears(model)
+    pack = AdaLNPack(lins, share_storage=True)
+    keys = list(model.state_dict().keys())
+    c = torch.randn(2, 72)
+    pack(c)
+    w, b = pack.stacked()
+    assert lins[1].weight.data_ptr() == w.data_ptr() + 6 * 72 * 72 * w.element_size()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sum(o.square().sum() for o in pack(c)).backward()
+    opt.step()
+    assert pack.stacked()[0] is w  # no rebuild needed
+    with torch.no_grad():
+        torch.testing.assert_close(pack(c)[2], model.blocks[2].adaLN_modulation(c))
+    assert list(model.state_dict().keys()) == keys
+
+
+def test_pack_keeps_state_dict_and_survives_deepcopy():
+    model = tiny_dit()
+    keys = list(model.state_dict().keys())
+    model._adaln_pack = AdaLNPack(linears(model))  # a plain attribute: no state_dict entries
+    assert list(model.state_dict().keys()) == keys
+    c = torch.randn(2, 72)
+    with torch.no_grad():
+        model._adaln_pack(c)
+        ema = copy.deepcopy(model)
+        assert ema._adaln_pack._w is None  # caches are not copied
+        assert ema._adaln_pack.linears[0] is ema.blocks[0].adaLN_modulation[1]
+        torch.testing.assert_close(ema._adaln_pack(c)[0], model.blocks[0].adaLN_modulation(c))
+
+
+def test_pack_under_autocast_and_bf16():
+    model = tiny_dit().to(torch.bfloat16)
+    pack = AdaLNPack(linears(model))
+    c = torch.randn(2, 72, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(pack(c)[0], model.blocks[0].adaLN_modulation(c), rtol=2e-2, atol=2e-2)
+
+
+def test_pack_compile_fullgraph():
+    model = tiny_dit()
+    pack = AdaLNPack(linears(model))
+    compiled = torch.compile(lambda c: [o * 2 for o in pack(c)], fullgraph=True, backend="aot_eager")
+    c = torch.randn(2, 72)
+    with torch.no_grad():
+        for o, r in zip(compiled(c), adaln_modulation_ref(c, linears(model))):
+            torch.testing.assert_close(o, r * 2, rtol=1e-5, atol=1e-6)
+
+
+def test_pack_invalid_inputs():
+    with pytest.raises(ValueError, match="linears must contain"):
+        AdaLNPack([])
+    with pytest.raises(ValueError, match=r"linears\[1\] must be an nn.Linear"):
+        AdaLNPack([nn.Linear(4, 8), nn.Conv1d(4, 8, 1)])
+    with pytest.raises(ValueError, match=r"linears\[1\] has in_features=5"):
+        AdaLNPack([nn.Linear(4, 8), nn.Linear(5, 8)])
+    with pytest.raises(ValueError, match="must have a bias"):
+        AdaLNPack([nn.Linear(4, 8), nn.Linear(4, 8, bias=False)])
+    pack = AdaLNPack([nn.Linear(4, 8), nn.Linear(4, 8)])
+    with pytest.raises(ValueError, match=r"c must have shape \(N, 4\)"):
+        pack(torch.zeros(2, 5))
+    pack.linears[1].double()
+    with pytest.raises(ValueError, match=r"linears\[1\].weight is torch.float64"):
+        with torch.no_grad():
+            pack(torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["copy", "share"])
+def test_pack_gradcheck_float64(share):
+    lins = [nn.Linear(6, 12).double(), nn.Linear(6, 4).double()]
+    pack = AdaLNPack(lins, share_storage=share)
+    c = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c: torch.cat(pack(c), dim=1), (c,))
