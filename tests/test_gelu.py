@@ -187,6 +187,10 @@ def test_linear_gelu(backend, device, dtype):
     if backend == "triton":  # one GEMM kernel with the epilogue: no rounding of x @ W.T + b
         assert_close(out, linear_gelu_ref(*(t.double() for t in (x, w, b))))
         assert_close(out_g.detach(), gelu_bias_ref(F.linear(x, w).double(), b.double()))
+    elif backend == "reference":  # the official expression, bit for bit, with and without grad
+        official = F.gelu(F.linear(x, w, b), approximate="tanh")
+        assert torch.equal(out, official) and torch.equal(out_g.detach(), official)
+        assert_close(out, linear_gelu_ref(*(t.double() for t in (x, w, b))))
     else:
         assert torch.equal(out, unfused) and torch.equal(out_g.detach(), out)
         # ground truth: the GEMM rounded to the storage dtype (as F.linear returns it), then exact

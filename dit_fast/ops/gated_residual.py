@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backends
+from .. import _backends, nvtx
+from ._eager import eager_inference
 from .ln_modulate import DEFAULT_EPS
 
 __all__ = ["gated_residual_ln_modulate", "gated_residual_ln_modulate_ref", "gated_residual",
@@ -105,6 +106,15 @@ def _unit_last(t: Tensor) -> Tensor:
 
 def _fwd_reference(x, y, gate, shift, scale, eps):
     acc = _stats_dtype(x.dtype)
+    if x.dtype == acc:
+        # fp32/fp64: the official expressions (``x + gate * y``, F.layer_norm's kernel, modulate),
+        # so the reference backend is bit-identical to the unfused model; native_layer_norm also
+        # returns the statistics the backward needs.
+        x_new = x + gate.unsqueeze(1) * y
+        xhat, mean, rstd = torch.native_layer_norm(x_new, (x.shape[-1],), None, None, eps)
+        h = xhat * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        return x_new, h, mean.squeeze(-1), rstd.squeeze(-1)
+    # bf16/fp16: fp32 math, one rounding of x_new and of h.
     x_new = (x.to(acc) + gate.to(acc).unsqueeze(1) * y.to(acc)).to(x.dtype)
     r = x_new.to(acc)  # the LayerNorm sees x_new as stored
     mean = r.mean(-1, keepdim=True)
@@ -304,10 +314,7 @@ _register_native_fakes()
 
 # ---- public API -------------------------------------------------------------------------------
 
-def _needs_autograd(*ts: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
-
-
+@nvtx.annotate("dit_fast.gated_residual_ln_modulate")
 def gated_residual_ln_modulate(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
                                eps: float = DEFAULT_EPS) -> tuple[Tensor, Tensor]:
     """Returns ``(x_new, h)``: ``x_new = x + gate[:, None] * y`` (the updated residual stream) and
@@ -323,18 +330,19 @@ def gated_residual_ln_modulate(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor
     if not eps >= 0:
         raise ValueError(f"gated_residual_ln_modulate: eps must be >= 0, got {eps}")
     eps = float(eps)
-    if not torch.compiler.is_compiling() and not _needs_autograd(x, y, gate, shift, scale):
+    if eager_inference(x, y, gate, shift, scale):
         x_new, h = _forward(x, y, gate, shift, scale, eps)[:2]  # eager inference fast path
         return x_new, h
     x_new, h, _mean, _rstd = _fused_op(x, y, gate, shift, scale, eps)
     return x_new, h
 
 
+@nvtx.annotate("dit_fast.gated_residual")
 def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     """``x + gate[:, None] * y`` for x, y (N, T, D) and gate (N, D) (any row stride), same
     dtype/device. Differentiable (first order); torch.compile(fullgraph=True)-friendly. Raises
     ValueError for malformed inputs."""
     _check_inputs("gated_residual", x, y, (("gate", gate),))
-    if not torch.compiler.is_compiling() and not _needs_autograd(x, y, gate):
+    if eager_inference(x, y, gate):
         return _plain_forward(x, y, gate)
     return _plain_op(x, y, gate)

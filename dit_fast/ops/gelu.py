@@ -5,10 +5,11 @@ add, and the DiT MLP's ``fc1 -> GELU`` built on it.
     linear_gelu(x, weight, bias)   = gelu_tanh(x @ weight.T + bias)     x (..., K), weight (F, K)
 
 `linear_gelu` runs the GEMM without bias (``F.linear(x, weight)``) and then the fused bias + GELU
-epilogue; in eager inference the epilogue overwrites the GEMM output in place (no extra
-(..., F) buffer), and the triton backend runs a single Triton GEMM with the bias + GELU epilogue
+epilogue; in eager inference the epilogue overwrites the GEMM output in place (no extra (..., F)
+buffer), and the triton backend runs a single Triton GEMM with the bias + GELU epilogue
 (dit_fast/kernels/triton/gelu.py). With autograd (and under torch.compile) it is F.linear + the
-``dit_fast::gelu_bias`` op, keeping the pre-activation for the backward as nn.GELU does.
+``dit_fast::gelu_bias`` op, keeping the pre-activation for the backward as nn.GELU does. The
+reference backend (eager) runs the official expression ``F.gelu(F.linear(x, w, b))``.
 
 Public API: `gelu_bias`, `linear_gelu` and the references `gelu_bias_ref`, `linear_gelu_ref`.
 Structure as dit_fast.ops.ln_modulate: custom op ``dit_fast::gelu_bias`` (fake impl, registered
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backends
+from .. import _backends, nvtx
+from ._eager import eager_inference
 
 __all__ = ["gelu_bias", "gelu_bias_ref", "linear_gelu", "linear_gelu_ref", "OP_NAME"]
 
@@ -188,10 +190,7 @@ _register_native_fakes()
 
 # ---- public API -----------------------------------------------------------------------------
 
-def _needs_autograd(*ts: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
-
-
+@nvtx.annotate("dit_fast.gelu_bias")
 def gelu_bias(h: Tensor, bias: Tensor) -> Tensor:
     """``gelu_tanh(h + bias)`` = ``F.gelu(h + bias, approximate="tanh")``.
 
@@ -200,18 +199,21 @@ def gelu_bias(h: Tensor, bias: Tensor) -> Tensor:
     Raises ValueError for malformed inputs.
     """
     _check_gelu_inputs("gelu_bias", h, bias)
-    if not torch.compiler.is_compiling() and not _needs_autograd(h, bias):
+    if eager_inference(h, bias):
         return _forward(h, bias)
     return _gelu_bias_op(h, bias)
 
 
+@nvtx.annotate("dit_fast.linear_gelu")
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """``gelu_tanh(x @ weight.T + bias)``: DiT's ``mlp.act(mlp.fc1(x))`` with
     weight = fc1.weight (F, K), bias = fc1.bias (F,), x (..., K); returns (..., F) in x's dtype.
 
     The GEMM runs without bias (``F.linear(x, weight)``), then the fused bias + GELU epilogue of
     the selected backend; in eager inference the epilogue works in place on the GEMM output (the
-    triton backend: one GEMM kernel with the epilogue).
+    triton backend: one GEMM kernel with the epilogue). The reference backend (eager) computes the
+    official ``F.gelu(F.linear(x, weight, bias), approximate="tanh")``, bit for bit. Under autocast
+    the float32 operands are cast to the autocast dtype first (as autocast does for F.linear).
     Differentiable w.r.t. x, weight and bias; torch.compile(fullgraph=True)-friendly. Raises
     ValueError for malformed inputs.
     """
@@ -233,10 +235,25 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
         raise ValueError(f"{op}: bias must have shape (F,) = ({weight.shape[0]},) to match weight, "
                          f"got {tuple(bias.shape)}")
-    if not torch.compiler.is_compiling() and not _needs_autograd(x, weight, bias):
+    x, weight, bias = _autocast_inputs(x, weight, bias)
+    if not torch.compiler.is_compiling():
         backend = _backends.select(OP_NAME, x)
-        if backend == "triton":  # one kernel: GEMM + bias + GELU epilogue
-            return _triton().linear_gelu_fwd(x, weight, bias)
-        h = F.linear(x, weight).contiguous()  # (..., F)
-        return _FWD_INPLACE[backend](h, bias)
+        if backend == "reference":  # the official fc1 + GELU expression (PyTorch autograd)
+            return linear_gelu_ref(x, weight, bias)
+        if eager_inference(x, weight, bias):
+            if backend == "triton":  # one kernel: GEMM + bias + GELU epilogue
+                return _triton().linear_gelu_fwd(x, weight, bias)
+            h = F.linear(x, weight).contiguous()  # (..., F)
+            return _FWD_INPLACE[backend](h, bias)
     return _gelu_bias_op(F.linear(x, weight), bias)
+
+
+def _autocast_inputs(x: Tensor, weight: Tensor, bias: Tensor):
+    """Under autocast, the float32 operands cast to the autocast dtype, as autocast casts
+    ``F.linear``'s (so the GEMM and the epilogue see one dtype, and the result is what
+    ``act(fc1(x))`` gives under autocast)."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t.dtype == torch.float32 else t for t in (x, weight, bias))

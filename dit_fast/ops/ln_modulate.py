@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backends
+from .. import _backends, nvtx
+from ._eager import eager_inference
 
 __all__ = ["ln_modulate", "ln_modulate_ref", "DEFAULT_EPS", "OP_NAME"]
 
@@ -206,6 +207,7 @@ _register_native_fakes()
 
 # ---- public API -----------------------------------------------------------------------------
 
+@nvtx.annotate("dit_fast.ln_modulate")
 def ln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     """``LayerNorm(x) * (1 + scale[:, None, :]) + shift[:, None, :]`` (no affine, biased variance).
 
@@ -216,8 +218,6 @@ def ln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = DEFAULT_EP
     """
     _check_inputs(x, shift, scale, eps)
     eps = float(eps)
-    if not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled()
-            and (x.requires_grad or shift.requires_grad or scale.requires_grad)):
+    if eager_inference(x, shift, scale):
         return _forward(x, shift, scale, eps)[0]  # eager inference: skip the op/autograd layers
     return _ln_modulate_op(x, shift, scale, eps)[0]
