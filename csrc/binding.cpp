@@ -2,14 +2,24 @@
 // CPU implementations. CUDA implementations are registered by csrc/cuda/binding_cuda.cpp, built
 // into the separate extension dit_fast._C_cuda (which requires this one to be loaded first).
 //
-// Ops (y/dx/dshift/dscale have x's dtype; mean/rstd are float32, or float64 for float64 x):
+// Ops (outputs have the input's dtype; mean/rstd are float32, or float64 for float64 inputs):
 //   ln_modulate_fwd(Tensor x, Tensor shift, Tensor scale, float eps) -> (y, mean, rstd)
 //   ln_modulate_bwd(Tensor dy, Tensor x, Tensor scale, Tensor mean, Tensor rstd)
 //       -> (dx, dshift, dscale)
+//   gated_residual_ln_modulate_fwd(Tensor x, Tensor y, Tensor gate, Tensor shift, Tensor scale,
+//       float eps) -> (x_new, h, mean, rstd)
+//   gated_residual_ln_modulate_bwd(Tensor? dx_new, Tensor dh, Tensor x_new, Tensor y, Tensor gate,
+//       Tensor scale, Tensor mean, Tensor rstd) -> (dx, dy, dgate, dshift, dscale)
+//   gated_residual_fwd(Tensor x, Tensor y, Tensor gate) -> out
+//   gated_residual_bwd(Tensor dout, Tensor y, Tensor gate) -> (dy, dgate)     (dx = dout)
+//   gelu_bias_fwd(Tensor h, Tensor bias) -> out;  gelu_bias_fwd_(Tensor(a!) h, Tensor bias) -> ()
+//       (in place; returns nothing, so that it can be functionalized)
+//   gelu_bias_bwd(Tensor dout, Tensor h, Tensor bias) -> (dh, dbias)
 //   attention_fwd(Tensor qkv, int num_heads) -> (out, lse)
 //       qkv (N, T, 3*D) (the qkv Linear's output; unit stride along the last dim, any N/T strides),
 //       out (N, T, D) heads merged, lse (N, H, T) float32 (float64 for float64 qkv)
-// Fake (meta) kernels and autograd are registered from Python (dit_fast/ops/ln_modulate.py).
+// (N, D) parameters (shift, scale, gate) may have any row stride but unit stride along D.
+// Fake (meta) kernels and autograd are registered from Python (dit_fast/ops/*.py).
 
 #include <Python.h>
 
@@ -19,10 +29,13 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 
 #include "binding_utils.h"
 #include "cpu/attention.h"
+#include "cpu/gated_residual.h"
+#include "cpu/gelu.h"
 #include "cpu/isa.h"
 #include "cpu/ln_modulate.h"
 
@@ -67,6 +80,120 @@ std::tuple<Tensor, Tensor, Tensor> ln_modulate_bwd_cpu(const Tensor& dy, const T
   return {dx, dshift, dscale};
 }
 
+// ---- gated residual (+ LayerNorm-modulate) ----------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_fwd_cpu(
+    const Tensor& x, const Tensor& y, const Tensor& gate, const Tensor& shift, const Tensor& scale,
+    double eps) {
+  binding::check_gated_residual_ln_modulate_fwd(x, y, gate, shift, scale, eps, /*allow_half=*/false);
+  binding::check_device("dit_fast::gated_residual_ln_modulate_fwd", x, c10::DeviceType::CPU);
+  const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
+  Tensor x_new = at::empty({N, T, D}, x.options());
+  Tensor h = at::empty({N, T, D}, x.options());
+  const auto st_opts = x.options().dtype(binding::stats_dtype(x.scalar_type()));
+  Tensor mean = at::empty({N, T}, st_opts);
+  Tensor rstd = at::empty({N, T}, st_opts);
+  const Status s = cpu::gated_residual_ln_modulate_fwd(
+      binding::to_dtype(x.scalar_type()), x.const_data_ptr(), y.const_data_ptr(),
+      gate.const_data_ptr(), binding::row_stride(gate, D), shift.const_data_ptr(),
+      binding::row_stride(shift, D), scale.const_data_ptr(), binding::row_stride(scale, D),
+      x_new.mutable_data_ptr(), h.mutable_data_ptr(), mean.mutable_data_ptr(),
+      rstd.mutable_data_ptr(), N, T, D, eps, at::get_num_threads());
+  TORCH_CHECK(s == Status::kOk, "dit_fast::gated_residual_ln_modulate_fwd (cpu): ", status_name(s));
+  return {x_new, h, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_bwd_cpu(
+    const std::optional<Tensor>& dx_new, const Tensor& dh, const Tensor& x_new, const Tensor& y,
+    const Tensor& gate, const Tensor& scale, const Tensor& mean, const Tensor& rstd) {
+  binding::check_gated_residual_ln_modulate_bwd(dx_new, dh, x_new, y, gate, scale, mean, rstd,
+                                                /*allow_half=*/false);
+  binding::check_device("dit_fast::gated_residual_ln_modulate_bwd", x_new, c10::DeviceType::CPU,
+                        "x_new");
+  const int64_t N = x_new.size(0), T = x_new.size(1), D = x_new.size(2);
+  const auto opts = x_new.options();
+  Tensor dx = at::empty({N, T, D}, opts), dy = at::empty({N, T, D}, opts);
+  Tensor dgate = at::empty({N, D}, opts), dshift = at::empty({N, D}, opts),
+         dscale = at::empty({N, D}, opts);
+  const Status s = cpu::gated_residual_ln_modulate_bwd(
+      binding::to_dtype(x_new.scalar_type()),
+      dx_new.has_value() ? dx_new->const_data_ptr() : nullptr, dh.const_data_ptr(),
+      x_new.const_data_ptr(), y.const_data_ptr(), gate.const_data_ptr(),
+      binding::row_stride(gate, D), scale.const_data_ptr(), binding::row_stride(scale, D),
+      mean.const_data_ptr(), rstd.const_data_ptr(), dx.mutable_data_ptr(), dy.mutable_data_ptr(),
+      dgate.mutable_data_ptr(), dshift.mutable_data_ptr(), dscale.mutable_data_ptr(), N, T, D,
+      at::get_num_threads());
+  TORCH_CHECK(s == Status::kOk, "dit_fast::gated_residual_ln_modulate_bwd (cpu): ", status_name(s));
+  return {dx, dy, dgate, dshift, dscale};
+}
+
+Tensor gated_residual_fwd_cpu(const Tensor& x, const Tensor& y, const Tensor& gate) {
+  binding::check_gated_residual_fwd(x, y, gate, /*allow_half=*/false);
+  binding::check_device("dit_fast::gated_residual_fwd", x, c10::DeviceType::CPU);
+  const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
+  Tensor out = at::empty({N, T, D}, x.options());
+  const Status s = cpu::gated_residual_fwd(
+      binding::to_dtype(x.scalar_type()), x.const_data_ptr(), y.const_data_ptr(),
+      gate.const_data_ptr(), binding::row_stride(gate, D), out.mutable_data_ptr(), N, T, D,
+      at::get_num_threads());
+  TORCH_CHECK(s == Status::kOk, "dit_fast::gated_residual_fwd (cpu): ", status_name(s));
+  return out;
+}
+
+std::tuple<Tensor, Tensor> gated_residual_bwd_cpu(const Tensor& dout, const Tensor& y,
+                                                  const Tensor& gate) {
+  binding::check_gated_residual_bwd(dout, y, gate, /*allow_half=*/false);
+  binding::check_device("dit_fast::gated_residual_bwd", dout, c10::DeviceType::CPU, "dout");
+  const int64_t N = dout.size(0), T = dout.size(1), D = dout.size(2);
+  Tensor dy = at::empty({N, T, D}, dout.options());
+  Tensor dgate = at::empty({N, D}, dout.options());
+  const Status s = cpu::gated_residual_bwd(
+      binding::to_dtype(dout.scalar_type()), dout.const_data_ptr(), y.const_data_ptr(),
+      gate.const_data_ptr(), binding::row_stride(gate, D), dy.mutable_data_ptr(),
+      dgate.mutable_data_ptr(), N, T, D, at::get_num_threads());
+  TORCH_CHECK(s == Status::kOk, "dit_fast::gated_residual_bwd (cpu): ", status_name(s));
+  return {dy, dgate};
+}
+
+// ---- bias + GELU ---------------------------------------------------------------------------
+
+void gelu_bias_into(const char* op, const Tensor& h, const Tensor& bias, const Tensor& out) {
+  binding::check_gelu_bias(op, h, bias, /*allow_half=*/false);
+  binding::check_device(op, h, c10::DeviceType::CPU, "h");
+  const int64_t F = h.size(-1), M = F > 0 ? h.numel() / F : 0;
+  const Status s = cpu::gelu_bias_fwd(binding::to_dtype(h.scalar_type()), h.const_data_ptr(),
+                                      bias.const_data_ptr(), out.mutable_data_ptr(), M, F,
+                                      at::get_num_threads());
+  TORCH_CHECK(s == Status::kOk, op, " (cpu): ", status_name(s));
+}
+
+Tensor gelu_bias_fwd_cpu(const Tensor& h, const Tensor& bias) {
+  Tensor out = at::empty(h.sizes(), h.options());
+  gelu_bias_into("dit_fast::gelu_bias_fwd", h, bias, out);
+  return out;
+}
+
+void gelu_bias_fwd_inplace_cpu(const Tensor& h, const Tensor& bias) {
+  gelu_bias_into("dit_fast::gelu_bias_fwd_", h, bias, h);
+}
+
+std::tuple<Tensor, Tensor> gelu_bias_bwd_cpu(const Tensor& dout, const Tensor& h,
+                                             const Tensor& bias) {
+  binding::check_gelu_bias_bwd(dout, h, bias, /*allow_half=*/false);
+  binding::check_device("dit_fast::gelu_bias_bwd", h, c10::DeviceType::CPU, "h");
+  const int64_t F = h.size(-1), M = F > 0 ? h.numel() / F : 0;
+  Tensor dh = at::empty(h.sizes(), h.options());
+  Tensor dbias = at::empty({F}, h.options());
+  const Status s = cpu::gelu_bias_bwd(binding::to_dtype(h.scalar_type()), dout.const_data_ptr(),
+                                      h.const_data_ptr(), bias.const_data_ptr(),
+                                      dh.mutable_data_ptr(), dbias.mutable_data_ptr(), M, F,
+                                      at::get_num_threads());
+  TORCH_CHECK(s == Status::kOk, "dit_fast::gelu_bias_bwd (cpu): ", status_name(s));
+  return {dh, dbias};
+}
+
+// ---- attention -------------------------------------------------------------------------------
+
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& qkv, int64_t num_heads) {
   const char* op = "dit_fast::attention_fwd";
   TORCH_CHECK(qkv.dim() == 3, op, ": qkv must be a 3-D (N, T, 3*D) tensor, got shape ",
@@ -100,12 +227,31 @@ TORCH_LIBRARY(dit_fast, m) {
   m.def(
       "ln_modulate_bwd(Tensor dy, Tensor x, Tensor scale, Tensor mean, Tensor rstd) -> (Tensor, "
       "Tensor, Tensor)");
+  m.def(
+      "gated_residual_ln_modulate_fwd(Tensor x, Tensor y, Tensor gate, Tensor shift, Tensor scale, "
+      "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gated_residual_ln_modulate_bwd(Tensor? dx_new, Tensor dh, Tensor x_new, Tensor y, "
+      "Tensor gate, Tensor scale, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
+  m.def("gated_residual_fwd(Tensor x, Tensor y, Tensor gate) -> Tensor");
+  m.def("gated_residual_bwd(Tensor dout, Tensor y, Tensor gate) -> (Tensor, Tensor)");
+  m.def("gelu_bias_fwd(Tensor h, Tensor bias) -> Tensor");
+  m.def("gelu_bias_fwd_(Tensor(a!) h, Tensor bias) -> ()");
+  m.def("gelu_bias_bwd(Tensor dout, Tensor h, Tensor bias) -> (Tensor, Tensor)");
   m.def("attention_fwd(Tensor qkv, int num_heads) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dit_fast, CPU, m) {
   m.impl("ln_modulate_fwd", &dit_fast::ln_modulate_fwd_cpu);
   m.impl("ln_modulate_bwd", &dit_fast::ln_modulate_bwd_cpu);
+  m.impl("gated_residual_ln_modulate_fwd", &dit_fast::gated_residual_ln_modulate_fwd_cpu);
+  m.impl("gated_residual_ln_modulate_bwd", &dit_fast::gated_residual_ln_modulate_bwd_cpu);
+  m.impl("gated_residual_fwd", &dit_fast::gated_residual_fwd_cpu);
+  m.impl("gated_residual_bwd", &dit_fast::gated_residual_bwd_cpu);
+  m.impl("gelu_bias_fwd", &dit_fast::gelu_bias_fwd_cpu);
+  m.impl("gelu_bias_fwd_", &dit_fast::gelu_bias_fwd_inplace_cpu);
+  m.impl("gelu_bias_bwd", &dit_fast::gelu_bias_bwd_cpu);
   m.impl("attention_fwd", &dit_fast::attention_fwd_cpu);
 }
 

@@ -3,7 +3,8 @@
 Backends, fastest first for `auto`:
 
   ``cuda``       hand-written CUDA kernels (extension ``dit_fast._C_cuda``), CUDA tensors
-  ``triton``     Triton kernels, CUDA tensors
+  ``triton``     Triton kernels, CUDA tensors (and CPU tensors under the Triton interpreter,
+                 TRITON_INTERPRET=1, when forced: see below)
   ``cpu``        C++/OpenMP kernels (extension ``dit_fast._C``), CPU tensors
   ``reference``  pure PyTorch, any device (always available; every op must have one)
 
@@ -29,12 +30,15 @@ An op can also refine the registry per backend (keyword arguments of `register_o
                               dtype (e.g. the head dim), run when `select` / `explain` get a tensor.
                               Ops with such checks are not cached by shape-blind `auto` selection.
 
+Triton interpreter: with TRITON_INTERPRET=1 (set before any Triton kernel module is imported, as
+tests/conftest.py does on machines without a GPU) the ``triton`` backend is "available
+(interpreter)" and also serves CPU tensors (Triton's interpreter executes the kernels with NumPy),
+but only when forced (``use_backend("triton")``): ``auto`` never picks it for CPU tensors (it is a
+slow emulator meant for testing). `explain` gives auto's view by default (``forced=True``: a forced
+request's).
+
 `use_backend` is process-wide (like ``torch.nn.attention.sdpa_kernel``), not per thread, so it also
 applies to backward passes that the autograd engine runs in its own threads.
-
-Triton's interpreter: with ``TRITON_INTERPRET=1`` a *forced* ``triton`` backend also runs on CPU
-tensors (Triton's interpreter executes the kernels with NumPy), so tests can check Triton kernels
-without a GPU. ``auto`` never picks ``triton`` for CPU tensors.
 """
 
 from __future__ import annotations
@@ -63,7 +67,15 @@ _DEVICE_TYPES: dict[str, Optional[tuple[str, ...]]] = {
     "reference": None, "cpu": ("cpu",), "triton": ("cuda",), "cuda": ("cuda",),
 }
 
+# Device types the triton backend additionally serves, when forced, under TRITON_INTERPRET=1.
+_INTERPRETER_DEVICE_TYPES = ("cpu",)
+
 DeviceLike = Union[torch.Tensor, torch.device, str]
+
+
+def triton_interpreter() -> bool:
+    """True when Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -73,9 +85,12 @@ class BackendInfo:
     reason: Optional[str]                  # why not (None when available)
     device_types: Optional[tuple[str, ...]]  # tensor device types it serves (None: any)
     ops: tuple[str, ...]                   # registered ops that implement it
+    note: Optional[str] = None             # e.g. "interpreter" for Triton under TRITON_INTERPRET=1
 
     def __str__(self) -> str:
         state = "available" if self.available else f"unavailable: {self.reason}"
+        if self.available and self.note:
+            state += f" ({self.note})"
         return f"{self.name}: {state}; ops: {', '.join(self.ops) or '-'}"
 
 
@@ -115,7 +130,7 @@ def _probe_triton() -> Optional[str]:
         if err is not None:
             reasons.append(f"triton not importable: {err}")
     no_dev = _no_cuda_device()
-    if no_dev:
+    if no_dev and not triton_interpreter():  # the interpreter runs without a GPU
         reasons.append(no_dev)
     return "; ".join(reasons) or None
 
@@ -250,10 +265,11 @@ def _device_type(t: DeviceLike) -> str:
     return torch.device(t).type
 
 
-def _triton_interpreted(name: str, device_type: str, forced: bool) -> bool:
-    """True if a forced triton backend runs on CPU tensors (TRITON_INTERPRET=1)."""
-    return (forced and name == "triton" and device_type == "cpu"
-            and os.environ.get("TRITON_INTERPRET", "").strip() == "1")
+def _triton_interpreted(name: str, device_type: str) -> bool:
+    """True if the triton backend would run on `device_type` tensors through Triton's interpreter
+    (TRITON_INTERPRET=1), which only a forced request gets."""
+    return (name == "triton" and device_type in _INTERPRETER_DEVICE_TYPES
+            and triton_interpreter())
 
 
 def _reject(name: str, op_name: str, impls: Mapping[str, Optional[frozenset]], device_type: str,
@@ -264,7 +280,11 @@ def _reject(name: str, op_name: str, impls: Mapping[str, Optional[frozenset]], d
         have = ", ".join(b for b in BACKENDS if b in impls)
         return f"op {op_name!r} has no {name} implementation (it has: {have})"
     devs = _DEVICE_TYPES[name]
-    interpreted = _triton_interpreted(name, device_type, forced)
+    interpreted = _triton_interpreted(name, device_type)
+    if interpreted and not forced:  # the interpreter is for tests: only a forced request
+        return (f"the {name} backend runs on {'/'.join(devs)} tensors, not {device_type} "
+                f"(auto never picks the Triton interpreter for {device_type} tensors; force "
+                f"it with use_backend('triton'))")
     if devs is not None and device_type not in devs and not interpreted:
         return f"the {name} backend runs on {'/'.join(devs)} tensors, not {device_type}"
     dtypes = impls[name]
@@ -296,12 +316,15 @@ def _impls_for(op_name: str, available_for_op: Optional[Iterable[str]]):
 
 
 def explain(op_name: str, tensor: DeviceLike,
-            available_for_op: Optional[Iterable[str]] = None) -> dict[str, Optional[str]]:
-    """{backend: None if it could serve `op_name` for `tensor`, else why not}, in auto order."""
+            available_for_op: Optional[Iterable[str]] = None,
+            forced: bool = False) -> dict[str, Optional[str]]:
+    """{backend: None if ``auto`` could pick it to serve `op_name` for `tensor` (with forced=True:
+    if a forced request could run it), else why not}, in auto order. The two differ only for the
+    Triton interpreter on CPU tensors."""
     impls = _impls_for(op_name, available_for_op)
     dtype = tensor.dtype if isinstance(tensor, torch.Tensor) else None
     dev = _device_type(tensor)
-    return {b: _reject(b, op_name, impls, dev, dtype, tensor) for b in _AUTO_ORDER}
+    return {b: _reject(b, op_name, impls, dev, dtype, tensor, forced=forced) for b in _AUTO_ORDER}
 
 
 def select(op_name: str, tensor: DeviceLike,
@@ -354,7 +377,9 @@ def backends(refresh: bool = False) -> dict[str, BackendInfo]:
     out = {}
     for name in BACKENDS:
         reason = _probe(name)
+        note = ("interpreter" if name == "triton" and reason is None and triton_interpreter()
+                and not torch.cuda.is_available() else None)
         out[name] = BackendInfo(name=name, available=reason is None, reason=reason,
                                 device_types=_DEVICE_TYPES[name],
-                                ops=tuple(op for op, bs in ops.items() if name in bs))
+                                ops=tuple(op for op, bs in ops.items() if name in bs), note=note)
     return out

@@ -50,10 +50,9 @@ def test_report_structure():
     assert report["reference"].available and report["reference"].device_types is None
     assert report["cpu"].device_types == ("cpu",)
     assert report["cuda"].device_types == report["triton"].device_types == ("cuda",)
-    # ln_modulate is registered for reference / cpu / cuda (no Triton kernel yet)
-    for name in ("reference", "cpu", "cuda"):
+    # ln_modulate is registered for every backend
+    for name in ("reference", "cpu", "triton", "cuda"):
         assert OP in report[name].ops
-    assert OP not in report["triton"].ops
 
 
 def test_report_reasons_match_this_machine():
@@ -64,7 +63,11 @@ def test_report_reasons_match_this_machine():
     if importlib.util.find_spec("triton") is None:
         assert "triton not installed" in report["triton"].reason
     if not torch.cuda.is_available():
-        assert "no CUDA device" in report["triton"].reason
+        if _backends.triton_interpreter() and importlib.util.find_spec("triton") is not None:
+            assert report["triton"].available and report["triton"].note == "interpreter"
+            assert "(interpreter)" in str(report["triton"])
+        else:
+            assert "no CUDA device" in report["triton"].reason
         assert "no CUDA device" in report["cuda"].reason
         assert not report["cuda"].available
 
@@ -110,6 +113,24 @@ def test_explain_lists_every_backend_with_reason(temp_op):
     assert "no cuda implementation" in reasons["cuda"]
     assert "no triton implementation" in reasons["triton"]
     assert "does not support torch.float64" in reasons["cpu"]
+
+
+def test_triton_interpreter_serves_cpu_tensors_only_when_forced(temp_op, monkeypatch):
+    """TRITON_INTERPRET=1: a forced triton backend accepts CPU tensors (tests run the Triton
+    kernels under the interpreter); auto never picks it for them."""
+    op = temp_op("_test_interp", ["reference", "triton"])
+    x = torch.empty(1)
+    monkeypatch.setattr(_backends, "_auto_cache", {})
+    monkeypatch.setitem(_backends._probe_cache, "triton", None)  # as if triton were importable
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select(op, x) == "reference"
+    assert "auto never picks the Triton interpreter" in _backends.explain(op, x)["triton"]
+    assert _backends.explain(op, x, forced=True)["triton"] is None
+    with use_backend("triton"):
+        assert select(op, x) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with use_backend("triton"), pytest.raises(RuntimeError, match="runs on cuda tensors"):
+        select(op, x)
 
 
 # ---- forcing a backend ------------------------------------------------------------------------
@@ -161,8 +182,9 @@ def test_use_backend_rejects_unknown_names():
 
 def test_forced_backend_errors_name_the_reason(temp_op):
     x = torch.empty(1)
+    cpu_only = temp_op("_test_ref_cpu_only", ["reference", "cpu"])
     with use_backend("triton"), pytest.raises(RuntimeError, match="no triton implementation"):
-        select(OP, x)
+        select(cpu_only, x)
     with use_backend("cuda"), pytest.raises(RuntimeError, match=r"use_backend\('cuda'\)"):
         select(OP, x)
     op = temp_op("_test_cpu_f32", {"reference": None, "cpu": [torch.float32]})
@@ -192,7 +214,7 @@ def test_register_op_validation(temp_op):
         select("_test_missing", torch.empty(1))
     temp_op("_test_ok", ("reference", "cuda"))
     assert _backends.registered_ops()["_test_ok"] == ("reference", "cuda")
-    assert _backends.registered_ops()[OP] == ("reference", "cpu", "cuda")
+    assert _backends.registered_ops()[OP] == ("reference", "cpu", "triton", "cuda")
 
 
 def test_op_specific_probes_and_supports():

@@ -138,3 +138,25 @@ def test_flop_counter_sees_attention_backward():
     fwd = 2 * 2 * (2 * 2 * 10 * 10 * 8)  # two matmuls of N*H*T*T*Dh MACs, 2 FLOPs per MAC
     assert counts[torch.ops.dit_fast.attention] == fwd
     assert counts[torch.ops.dit_fast.attention_backward] == fwd * 5 // 2
+
+
+def test_flop_counter_sees_patch_embed_forward_and_backward():
+    """patch_embed is one custom op (the conv as a GEMM): its formulas count what torch counts for
+    the conv it replaces, forward (2 x MACs) and backward (dx and dweight: 2 x MACs each)."""
+    from dit_fast.ops import patch_embed
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    w = torch.randn(16, 4, 2, 2, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    pos = torch.randn(1, 16, 16)
+    macs = 2 * 16 * 16 * 4 * 2 * 2  # N * T * D * C * p * p
+    for need_dx in (True, False):
+        x.requires_grad_(need_dx)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            patch_embed(x, w, b, pos, 2).sum().backward()
+        counts = counter.get_flop_counts()["Global"]
+        assert counts[torch.ops.dit_fast.patch_embed] == 2 * macs
+        assert counts[torch.ops.dit_fast.patch_embed_backward] == 2 * macs * (2 if need_dx else 1)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # eager inference is counted too
+        patch_embed(x, w, b, pos, 2)
+    assert counter.get_total_flops() == 2 * macs

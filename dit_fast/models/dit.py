@@ -11,6 +11,24 @@
 #   reproduces the official code, which guides the first three channels only.
 # - Inputs are validated (ValueError naming the argument); the model runs in bfloat16.
 # - timm is not needed: PatchEmbed, Attention and Mlp are written here with timm's parameter names.
+# - The forward pass runs dit_fast's fused ops (dit_fast.ops; each picks a backend: cuda, triton, cpu
+#   or reference, see dit_fast._backends), with the same parameters and state_dict keys:
+#     patch_embed      PatchEmbed's conv + pos_embed as one GEMM with a fused epilogue
+#     timestep_embedding + AdaLNPack
+#                      the sinusoidal embedding in one kernel; the adaLN projections of ALL blocks
+#                      and of the final layer as ONE GEMM (they all read the same c)
+#     ln_modulate      modulate(norm1(x), shift, scale) in one pass
+#     attention_qkv    attention straight from the qkv Linear's output
+#     gated_residual_ln_modulate
+#                      x + gate * y fused with the LayerNorm-modulate that follows it: the
+#                      attention residual with the MLP's, and a block's last residual with the next
+#                      block's (or the final layer's) input norm
+#     linear_gelu      fc1 with the bias + GELU(tanh) as the GEMM's epilogue
+#     unpatchify       the einsum as one gather
+#   Under dit_fast.use_backend("reference") every op runs the official PyTorch expressions and
+#   the adaLN projections run one Linear per layer, so the output is bit-identical to the official
+#   model's in float32 (tests/test_model.py, tests/test_diffusion.py).
+# - NVTX ranges around the blocks and ops when profiling (dit_fast.nvtx, DIT_FAST_NVTX=1).
 
 import math
 from typing import Optional, Union
@@ -20,7 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import attention_qkv, ln_modulate
+from .. import _backends, nvtx
+from ..ops import (AdaLNPack, attention_qkv, gated_residual, gated_residual_ln_modulate, linear_gelu,
+                   ln_modulate, patch_embed, timestep_embedding)
+from ..ops import unpatchify as unpatchify_tokens
 
 BLOCK_TYPES = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")
 
@@ -98,7 +119,8 @@ class CrossAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2. Keys: fc1.weight, fc1.bias, fc2.weight, fc2.bias."""
+    """fc1 -> GELU(tanh) -> fc2. Keys: fc1.weight, fc1.bias, fc2.weight, fc2.bias.
+    fc1's bias and the GELU (`act`) run as the fc1 GEMM's epilogue (ops.linear_gelu)."""
 
     def __init__(self, in_features, hidden_features):
         super().__init__()
@@ -107,7 +129,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        h = linear_gelu(x, self.fc1.weight, self.fc1.bias)  # (N, T, M) = act(fc1(x))
+        return self.fc2(h)                                  # (N, T, D)
 
 
 #################################################################################
@@ -149,9 +172,18 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t):
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (N, 256) float32
-        t_freq = t_freq.to(self.mlp[0].weight.dtype)                        # model dtype (bf16 models)
+        dtype = self.mlp[0].weight.dtype
+        if self.timestep_embedding is not _OFFICIAL_TIMESTEP_EMBEDDING:     # overridden (subclass / patch)
+            t_freq = self.timestep_embedding(t, self.frequency_embedding_size).to(dtype)  # (N, 256)
+            return self.mlp(t_freq)                                         # (N, D)
+        if t.dtype not in (torch.float32, torch.float64, torch.int32, torch.int64):
+            t = t.float()                                                   # as timestep_embedding does
+        # = self.timestep_embedding(t, 256).to(model dtype), in one kernel (float32 math)
+        t_freq = timestep_embedding(t.contiguous(), self.frequency_embedding_size, dtype=dtype)  # (N, 256)
         return self.mlp(t_freq)                                             # (N, D)
+
+
+_OFFICIAL_TIMESTEP_EMBEDDING = TimestepEmbedder.timestep_embedding
 
 
 class LabelEmbedder(nn.Module):
@@ -188,10 +220,21 @@ class LabelEmbedder(nn.Module):
 #                                 Core DiT Model                                #
 #################################################################################
 
+_FUSED_BLOCK_ARGS = """
+    `block(x, c)` is the official block. DiT.forward passes more, to fuse across sub-layers:
+      mod:       this block's adaLN_modulation(c) (N, kD): a view of the one GEMM for all blocks;
+      h:         modulate(norm1(x), shift_msa, scale_msa), if the previous block already computed it
+                 (fused with its last residual update);
+      next_norm: (shift, scale, eps) of the LayerNorm-modulate that follows this block (the next
+                 block's norm1 or the final layer's): the last residual update is fused with it and
+                 the block returns (x, modulate(norm(x), shift, scale)) instead of x.
+    """
+
+
 class DiTBlock(nn.Module):
-    """
+    __doc__ = """
     A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning.
-    """
+    """ + _FUSED_BLOCK_ARGS
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -203,19 +246,30 @@ class DiTBlock(nn.Module):
             nn.Linear(hidden_size, 6 * hidden_size, bias=True)
         )
 
-    def forward(self, x, c):
+    def forward(self, x, c, mod=None, h=None, next_norm=None):
+        if mod is None:
+            mod = self.adaLN_modulation(c)                                           # (N, 6D)
         # .to(x.dtype): under autocast the (N, 6D) modulation is bf16 while the residual stream is fp32
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).to(x.dtype).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(ln_modulate(x, shift_msa, scale_msa, self.norm1.eps))  # (N, T, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(ln_modulate(x, shift_mlp, scale_mlp, self.norm2.eps))   # (N, T, D)
-        return x
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.to(x.dtype).chunk(6, dim=1)
+        if h is None:
+            h = ln_modulate(x, shift_msa, scale_msa, self.norm1.eps)                 # (N, T, D) modulate(norm1(x))
+        with nvtx.range("attn"):
+            a = self.attn(h).to(x.dtype)                                             # (N, T, D)
+        # x = x + gate_msa * a, and the MLP's input modulate(norm2(x)) in the same pass
+        x, h = gated_residual_ln_modulate(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps)  # (N, T, D) x2
+        with nvtx.range("mlp"):
+            m = self.mlp(h).to(x.dtype)                                              # (N, T, D)
+        if next_norm is None:
+            return gated_residual(x, m, gate_mlp)                                    # (N, T, D) x + gate_mlp * m
+        return gated_residual_ln_modulate(x, m, gate_mlp, *next_norm)                # (N, T, D) x2: x, next norm
 
 
 class AdaLNBlock(nn.Module):
-    """
+    __doc__ = """
     adaLN block (paper section 3.2): LayerNorm scale and shift regressed from c, no residual gates.
     Extra parameters: adaLN_modulation.1 (D -> 4D), 4·D² + 4·D per block.
-    """
+    The residual updates run as the gated ops with gate = 1 (x + 1 * y == x + y exactly).
+    """ + _FUSED_BLOCK_ARGS
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -227,11 +281,21 @@ class AdaLNBlock(nn.Module):
             nn.Linear(hidden_size, 4 * hidden_size, bias=True)
         )
 
-    def forward(self, x, c):
-        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).to(x.dtype).chunk(4, dim=1)
-        x = x + self.attn(ln_modulate(x, shift_msa, scale_msa, self.norm1.eps))  # (N, T, D)
-        x = x + self.mlp(ln_modulate(x, shift_mlp, scale_mlp, self.norm2.eps))   # (N, T, D)
-        return x
+    def forward(self, x, c, mod=None, h=None, next_norm=None):
+        if mod is None:
+            mod = self.adaLN_modulation(c)                                           # (N, 4D)
+        shift_msa, scale_msa, shift_mlp, scale_mlp = mod.to(x.dtype).chunk(4, dim=1)
+        one = x.new_ones(1, x.shape[-1]).expand(x.shape[0], -1)                     # (N, D) gate = 1
+        if h is None:
+            h = ln_modulate(x, shift_msa, scale_msa, self.norm1.eps)                 # (N, T, D) modulate(norm1(x))
+        with nvtx.range("attn"):
+            a = self.attn(h).to(x.dtype)                                             # (N, T, D)
+        x, h = gated_residual_ln_modulate(x, a, one, shift_mlp, scale_mlp, self.norm2.eps)  # (N, T, D) x2: x + a, norm2
+        with nvtx.range("mlp"):
+            m = self.mlp(h).to(x.dtype)                                              # (N, T, D)
+        if next_norm is None:
+            return gated_residual(x, m, one)                                         # (N, T, D) x + m
+        return gated_residual_ln_modulate(x, m, one, *next_norm)                     # (N, T, D) x2: x, next norm
 
 
 class CrossAttentionBlock(nn.Module):
@@ -298,13 +362,18 @@ class FinalLayer(nn.Module):
                 nn.Linear(hidden_size, 2 * hidden_size, bias=True)
             )
 
-    def forward(self, x, c):
-        if self.adaptive:
-            shift, scale = self.adaLN_modulation(c).to(x.dtype).chunk(2, dim=1)
-            x = ln_modulate(x, shift, scale, self.norm_final.eps)  # (N, T, D)
-        else:
-            x = self.norm_final(x)                           # (N, T, D)
-        return self.linear(x)                                # (N, T, p*p*C_out)
+    def forward(self, x, c, mod=None, h=None):
+        """mod: adaLN_modulation(c) if already computed; h: modulate(norm_final(x), shift, scale) if
+        the last block already computed it (fused with its last residual update)."""
+        if h is None:
+            if self.adaptive:
+                if mod is None:
+                    mod = self.adaLN_modulation(c)                   # (N, 2D)
+                shift, scale = mod.to(x.dtype).chunk(2, dim=1)
+                h = ln_modulate(x, shift, scale, self.norm_final.eps)  # (N, T, D)
+            else:
+                h = self.norm_final(x)                               # (N, T, D)
+        return self.linear(h)                                        # (N, T, p*p*C_out)
 
 
 class DiT(nn.Module):
@@ -354,6 +423,11 @@ class DiT(nn.Module):
         ])
         adaptive = block in ("adaLN-Zero", "adaLN")
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive=adaptive)
+        # The adaLN projections of every block and of the final layer read the same c: one GEMM
+        # (AdaLNPack is not an nn.Module: it adds no state_dict keys; the layers' own parameters
+        # stay the source of truth).
+        self._adaln = (AdaLNPack([b.adaLN_modulation[1] for b in self.blocks]
+                                 + [self.final_layer.adaLN_modulation[1]]) if adaptive else None)
         self.initialize_weights()
 
     @classmethod
@@ -406,16 +480,20 @@ class DiT(nn.Module):
         """
         x: (N, T, patch_size**2 * C)
         imgs: (N, C, H, W)
+        The official reshape + einsum('nhwpqc->nchpwq') + reshape, as one gather (ops.unpatchify).
         """
-        c = self.out_channels
-        p = self.x_embedder.patch_size[0]
-        h = w = int(x.shape[1] ** 0.5)
-        assert h * w == x.shape[1]
+        return unpatchify_tokens(x, self.x_embedder.patch_size[0], self.out_channels)
 
-        x = x.reshape(shape=(x.shape[0], h, w, p, p, c))
-        x = torch.einsum('nhwpqc->nchpwq', x)
-        imgs = x.reshape(shape=(x.shape[0], c, h * p, h * p))
-        return imgs
+    def _adaln_modulations(self, c):
+        """[adaLN_modulation(c) of each block, then of the final layer]: one GEMM for all of them
+        (AdaLNPack), except under the reference backend (eager), which runs the official per-layer
+        Linear(SiLU(c)) so that the model stays bit-identical to the official one."""
+        pack = getattr(self, "_adaln", None)  # (None too for a model pickled before it existed)
+        if pack is None or (not torch.compiler.is_compiling()
+                            and _backends.requested_backend() == "reference"):
+            layers = [b.adaLN_modulation for b in self.blocks] + [self.final_layer.adaLN_modulation]
+            return [layer(c) for layer in layers]
+        return pack(c)
 
     def forward(self, x, t, y):
         """
@@ -425,25 +503,40 @@ class DiT(nn.Module):
         y: (N,) tensor of class labels
         """
         t = self._check_inputs(x, t, y)
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
-        t = self.t_embedder(t)                   # (N, D)
-        y = self.y_embedder(y, self.training)    # (N, D)
+        with nvtx.range("dit.embed"):
+            # x_embedder(x) + pos_embed as one GEMM + epilogue
+            x = patch_embed(x, self.x_embedder.proj.weight, self.x_embedder.proj.bias,
+                            self.pos_embed, self.patch_size)  # (N, T, D), where T = H * W / patch_size ** 2
+            t = self.t_embedder(t)               # (N, D)
+            y = self.y_embedder(y, self.training)  # (N, D)
+        h = None
         if self.block == "in-context":
             T = x.shape[1]
             x = torch.cat([x, t.unsqueeze(1).to(x.dtype), y.unsqueeze(1).to(x.dtype)], dim=1)  # (N, T + 2, D)
-            for block in self.blocks:
-                x = block(x)                     # (N, T + 2, D)
+            for i, block in enumerate(self.blocks):
+                with nvtx.range("dit.block%d", i):
+                    x = block(x)                 # (N, T + 2, D)
             x = x[:, :T]                         # (N, T, D)
             c = None
-        else:
-            if self.block == "cross-attention":
-                c = torch.stack([t, y], dim=1)   # (N, 2, D)
-            else:
-                c = t + y                        # (N, D)
-            for block in self.blocks:
-                x = block(x, c)                  # (N, T, D)
-        x = self.final_layer(x, c)               # (N, T, patch_size ** 2 * out_channels)
-        x = self.unpatchify(x)                   # (N, out_channels, H, W)
+        elif self.block == "cross-attention":
+            c = torch.stack([t, y], dim=1)       # (N, 2, D)
+            for i, block in enumerate(self.blocks):
+                with nvtx.range("dit.block%d", i):
+                    x = block(x, c)              # (N, T, D)
+        else:  # adaLN-Zero / adaLN
+            c = t + y                            # (N, D)
+            mods = self._adaln_modulations(c)    # [(N, 6D or 4D) per block, (N, 2D) final layer]
+            D = x.shape[-1]
+            for i, block in enumerate(self.blocks):
+                # the LayerNorm-modulate after this block (next block's norm1, or the final layer's)
+                # is fused with the block's last residual update: its shift and scale lead its mod
+                nxt = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else self.final_layer.norm_final
+                shift, scale = mods[i + 1].to(x.dtype)[:, :2 * D].chunk(2, dim=1)  # (N, D) each
+                with nvtx.range("dit.block%d", i):
+                    x, h = block(x, c, mod=mods[i], h=h, next_norm=(shift, scale, nxt.eps))  # (N, T, D) x2
+        with nvtx.range("dit.final"):
+            x = self.final_layer(x, c, h=h)      # (N, T, patch_size ** 2 * out_channels)
+            x = self.unpatchify(x)               # (N, out_channels, H, W)
         return x
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Union[int, str] = 3):

@@ -41,7 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backends
+from .. import _backends, nvtx
+from ._eager import eager_inference
 
 __all__ = ["AdaLNPack", "adaln_modulation", "adaln_modulation_ref", "timestep_embedding",
            "timestep_embedding_ref", "OP_TIMESTEP_EMBEDDING"]
@@ -157,6 +158,7 @@ def _register_native_fakes() -> None:
 _register_native_fakes()
 
 
+@nvtx.annotate("dit_fast.timestep_embedding")
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000,
                        dtype: torch.dtype = torch.float32) -> Tensor:
     """Sinusoidal timestep embedding, (N,) -> (N, dim), equal to the official
@@ -180,7 +182,7 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000,
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"timestep_embedding: dtype must be a floating-point torch.dtype, got {dtype!r}")
     freqs = _freqs(dim, max_period, t.device)
-    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and t.requires_grad):
+    if eager_inference(t):
         return _te_forward(t, freqs, dim, dtype)
     return _timestep_embedding_op(t, freqs, dim, dtype)
 
@@ -315,6 +317,7 @@ class AdaLNPack:
 
     # -- forward -------------------------------------------------------------------------------
 
+    @nvtx.annotate("dit_fast.AdaLNPack")
     def __call__(self, c: Tensor) -> List[Tensor]:
         """[lin(SiLU(c)) for lin in linears], as views of one (N, sum(out)) GEMM output."""
         if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[1] != self.linears[0].in_features:

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
-from .. import _backends
+from .. import _backends, nvtx
 
 __all__ = ["attention_qkv", "attention_ref", "explain", "OP_NAME"]
 
@@ -441,6 +441,7 @@ _register_native_fakes()
 
 # ---- public API -----------------------------------------------------------------------------
 
+@nvtx.annotate("dit_fast.attention_qkv")
 def attention_qkv(qkv: Tensor, num_heads: int) -> Tensor:
     """Self-attention of the qkv Linear's output: (N, T, 3*D) -> (N, T, D), heads merged.
 

@@ -13,7 +13,8 @@ Structure (the pattern later ops follow):
     (fake impls give the output metadata) and autograd goes through `register_autograd`.
   * Backend kernels: ``reference`` (PyTorch, fp32/fp64 math), ``cpu`` and ``cuda`` (the C++ ops
     ``torch.ops.dit_fast.ln_modulate_fwd/bwd`` from dit_fast._C / dit_fast._C_cuda; the dispatcher
-    routes by device). mean/rstd are float32 (float64 for float64 inputs) for every backend, so a
+    routes by device), ``triton`` (dit_fast/kernels/triton/ln_modulate.py; fp32/bf16/fp16, imported
+    on first use). mean/rstd are float32 (float64 for float64 inputs) for every backend, so a
     forward from one backend can be differentiated by another.
   * Eager inference (no grad needed, not compiling) skips the custom-op/autograd layers and calls
     the backend kernel directly.
@@ -27,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backends
+from .. import _backends, nvtx
+from ._eager import eager_inference
 
 __all__ = ["ln_modulate", "ln_modulate_ref", "DEFAULT_EPS", "OP_NAME"]
 
@@ -36,7 +38,9 @@ DEFAULT_EPS = 1e-6
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_backends.register_op(OP_NAME, {"reference": None, "cpu": _CPU_DTYPES, "cuda": _CUDA_DTYPES})
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_backends.register_op(OP_NAME, {"reference": None, "cpu": _CPU_DTYPES, "triton": _TRITON_DTYPES,
+                                "cuda": _CUDA_DTYPES})
 
 
 def ln_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
@@ -118,10 +122,20 @@ def _bwd_native(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor
                                               mean.contiguous(), rstd.contiguous())
 
 
+def _fwd_triton(x: Tensor, shift: Tensor, scale: Tensor, eps: float):
+    from ..kernels.triton import ln_modulate as k
+    return k.ln_modulate_fwd(x, shift, scale, eps)
+
+
+def _bwd_triton(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor):
+    from ..kernels.triton import ln_modulate as k
+    return k.ln_modulate_bwd(dy, x, scale, mean, rstd)
+
+
 _FWD: dict[str, Callable] = {"reference": _fwd_reference, "cpu": _fwd_native,
-                             "cuda": _fwd_native}
+                             "triton": _fwd_triton, "cuda": _fwd_native}
 _BWD: dict[str, Callable] = {"reference": _bwd_reference, "cpu": _bwd_native,
-                             "cuda": _bwd_native}
+                             "triton": _bwd_triton, "cuda": _bwd_native}
 
 
 def _forward(x: Tensor, shift: Tensor, scale: Tensor, eps: float):
@@ -193,6 +207,7 @@ _register_native_fakes()
 
 # ---- public API -----------------------------------------------------------------------------
 
+@nvtx.annotate("dit_fast.ln_modulate")
 def ln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     """``LayerNorm(x) * (1 + scale[:, None, :]) + shift[:, None, :]`` (no affine, biased variance).
 
@@ -203,8 +218,6 @@ def ln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = DEFAULT_EP
     """
     _check_inputs(x, shift, scale, eps)
     eps = float(eps)
-    if not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled()
-            and (x.requires_grad or shift.requires_grad or scale.requires_grad)):
+    if eager_inference(x, shift, scale):
         return _forward(x, shift, scale, eps)[0]  # eager inference: skip the op/autograd layers
     return _ln_modulate_op(x, shift, scale, eps)[0]

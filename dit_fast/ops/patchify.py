@@ -35,8 +35,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
-from .. import _backends
+from .. import _backends, nvtx
+from ._eager import eager_inference
 
 __all__ = ["patch_embed", "patch_embed_ref", "unpatchify", "unpatchify_ref",
            "OP_PATCH_EMBED", "OP_UNPATCHIFY"]
@@ -165,6 +167,11 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _fwd_reference(x, weight, bias, pos, p):
+    if x.dtype in (torch.float32, torch.float64):
+        # The official expression (PatchEmbed's conv, then + pos_embed): bit-identical to it.
+        out = F.conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)
+        return (out if pos is None else out + pos).contiguous()
+    # bf16/fp16: the GEMM over patches in fp32, one rounding at the end.
     N, C, H, W = x.shape
     D = weight.shape[0]
     T = (H // p) * (W // p)
@@ -362,6 +369,26 @@ def _unp_backward(ctx, dimg):
 _unpatchify_op.register_autograd(_unp_backward, setup_context=_unp_setup_context)
 
 
+# FlopCounterMode does not look inside custom ops: the patch-embedding GEMM is counted through these
+# formulas, as torch counts the conv it replaces (2 FLOPs per multiply-accumulate; the backward
+# counts one GEMM for dx and one for dweight, each as large as the forward's).
+def _patch_embed_macs(x_shape, w_shape, patch_size: int) -> int:
+    N, C, H, W = x_shape
+    return N * (H // patch_size) * (W // patch_size) * w_shape[0] * C * patch_size * patch_size
+
+
+@register_flop_formula(torch.ops.dit_fast.patch_embed)
+def _patch_embed_flops(x_shape, w_shape, bias_shape, pos_shape, patch_size, *args, out_shape=None,
+                       **kwargs) -> int:
+    return 2 * _patch_embed_macs(x_shape, w_shape, patch_size)
+
+
+@register_flop_formula(torch.ops.dit_fast.patch_embed_backward)
+def _patch_embed_backward_flops(dout_shape, x_shape, w_shape, patch_size, need_dx, need_dweight,
+                                need_dbias, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _patch_embed_macs(x_shape, w_shape, patch_size) * (int(need_dx) + int(need_dweight))
+
+
 def _register_native_fakes() -> None:
     """Fake kernels for the C++ ops, so they can be traced / opcheck'ed directly too."""
     if _backends._probe("cpu") is not None:
@@ -391,10 +418,7 @@ _register_native_fakes()
 
 # ---- public API -----------------------------------------------------------------------------
 
-def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
-
-
+@nvtx.annotate("dit_fast.patch_embed")
 def patch_embed(x: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Optional[Tensor],
                 patch_size: int) -> Tensor:
     """DiT's patch embedding plus positional embedding, as one GEMM with a fused epilogue.
@@ -409,17 +433,18 @@ def patch_embed(x: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Op
     pos = None
     if pos_embed is not None:
         pos = pos_embed.reshape(pos_embed.shape[-2], pos_embed.shape[-1])
-    if not torch.compiler.is_compiling() and not _needs_grad(x, weight, bias, pos_embed):
+    if eager_inference(x, weight, bias, pos_embed):
         return _pe_forward(x, weight, bias, pos, patch_size)
     return _patch_embed_op(x, weight, bias, pos, patch_size)
 
 
+@nvtx.annotate("dit_fast.unpatchify")
 def unpatchify(x: Tensor, patch_size: int, out_channels: int, grid=None) -> Tensor:
     """(N, T, p*p*C) -> (N, C, h*p, w*p), the official DiT.unpatchify
     (``einsum('nhwpqc->nchpwq')``). grid: (h, w) token grid; default: square (h = w = sqrt(T)).
     Differentiable; works under torch.compile(fullgraph=True). Raises ValueError for malformed
     inputs."""
     gh, gw = _check_unpatchify(x, patch_size, out_channels, grid)
-    if not torch.compiler.is_compiling() and not _needs_grad(x):
+    if eager_inference(x):
         return _UNP_FWD[_backends.select(OP_UNPATCHIFY, x)](x, patch_size, out_channels, gh, gw)
     return _unpatchify_op(x, patch_size, out_channels, gh, gw)

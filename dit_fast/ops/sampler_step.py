@@ -39,7 +39,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _backends
+from .. import _backends, nvtx
 
 __all__ = ["ddpm_step", "ddim_step", "ddpm_step_ref", "ddim_step_ref", "sampler_step",
            "sampler_step_ref", "ddpm_coefs", "ddim_coefs", "MODE_DDPM_LEARNED_RANGE",
@@ -267,6 +267,7 @@ def _fused_ok(model_output: Tensor, x: Tensor, noise: Optional[Tensor], coefs: T
                              for t in (model_output, x, noise, coefs))))
 
 
+@nvtx.annotate("dit_fast.sampler_step")
 def sampler_step(model_output: Tensor, x: Tensor, noise: Optional[Tensor], coefs: Tensor, *,
                  mode: int, clip_denoised: bool = True, cfg_scale: Optional[float] = None,
                  guide_channels: Optional[int] = None) -> Tuple[Tensor, Tensor]:

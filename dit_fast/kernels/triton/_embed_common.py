@@ -34,6 +34,11 @@ def cast_out(v, dtype: tl.constexpr, GPU: tl.constexpr):
         return v.to(dtype)
 
 
+# Device functions (compiled as part of the kernels that call them): no AOT_SPECS of their own
+# (tests/test_triton_aot.py).
+AOT_DEVICE_FUNCTIONS = (round_bf16, cast_out)
+
+
 def on_gpu(t) -> bool:
     """The GPU constexpr for a launch on tensor `t` (False: interpreter on a CPU tensor)."""
     return t.device.type != "cpu"
