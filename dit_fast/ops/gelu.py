@@ -210,8 +210,8 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     weight = fc1.weight (F, K), bias = fc1.bias (F,), x (..., K); returns (..., F) in x's dtype.
 
     The GEMM runs without bias (``F.linear(x, weight)``), then the fused bias + GELU epilogue of
-    the selected backend; in eager inference the epilogue works in place on the GEMM output (the
-    triton backend: one GEMM kernel with the epilogue). The reference backend (eager) computes the
+    the selected backend; in eager inference the epilogue works in place on the GEMM output (a
+    forced triton backend: one GEMM kernel with the epilogue). The reference backend (eager) computes the
     official ``F.gelu(F.linear(x, weight, bias), approximate="tanh")``, bit for bit. Under autocast
     the float32 operands are cast to the autocast dtype first (as autocast does for F.linear).
     Differentiable w.r.t. x, weight and bias; torch.compile(fullgraph=True)-friendly. Raises
@@ -241,7 +241,10 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         if backend == "reference":  # the official fc1 + GELU expression (PyTorch autograd)
             return linear_gelu_ref(x, weight, bias)
         if eager_inference(x, weight, bias):
-            if backend == "triton":  # one kernel: GEMM + bias + GELU epilogue
+            # One Triton kernel (GEMM + bias + GELU epilogue) only when triton is forced: its
+            # untuned GEMM has not been measured against cuBLAS, so `auto` keeps cuBLAS + the
+            # in-place Triton epilogue.
+            if backend == "triton" and _backends.requested_backend() == "triton":
                 return _triton().linear_gelu_fwd(x, weight, bias)
             h = F.linear(x, weight).contiguous()  # (..., F)
             return _FWD_INPLACE[backend](h, bias)
