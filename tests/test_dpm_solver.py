@@ -202,6 +202,8 @@ def test_fused_step_equals_reference_update(clip, dtype, sde):
     x_init = torch.randn(2, 3, 5, 3, dtype=dtype)  # 15 pixels: not a multiple of any block size
     ulp = torch.finfo(dtype).eps
     for backend in _available_step_backends():
+        if backend == "triton" and dtype == torch.float64:
+            continue  # the triton kernel has no float64 (a forced backend would raise)
         x, state = x_init.clone(), solver.init_state(x_init)
         for i in range(solver.num_steps):
             x_in, x0_prev = x, state["x0_prev"]
