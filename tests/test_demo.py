@@ -30,7 +30,7 @@ def test_frechet_distance_matches_the_reference_formula():
     assert D.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
     # equal covariances: only the squared mean shift remains
     assert D.frechet_distance(mu1, s1, mu1 + 2.0, s1) == pytest.approx(4.0 * 12, rel=1e-6)
-    with pytest.raises(ValueError, match="shape mismatch"):
+    with pytest.raises(ValueError, match="same length"):
         D.frechet_distance(mu1, s1, mu2[:5], s2)
 
 
@@ -52,7 +52,7 @@ def test_classifier_recognises_real_digits_and_is_deterministic():
     x, y = D.load_digits_images(16)
     real = D.real_feature_stats(clf)
     res = D.evaluate_samples(clf, D.to_uint8(x), y, real)
-    assert res["accuracy"] >= 0.94 and res["frechet_distance"] == pytest.approx(0.0, abs=1e-6)
+    assert res["accuracy"] >= 0.94 and res["frechet_distance"] == pytest.approx(0.0, abs=1e-4)
     # a mislabelled set is recognised as such, and uniform noise is far from the real digits
     assert D.evaluate_samples(clf, D.to_uint8(x), (y + 1) % 10, real)["accuracy"] < 0.1
     noise = torch.rand(500, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
