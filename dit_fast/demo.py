@@ -107,12 +107,13 @@ class _Phase:
 
 @torch.no_grad()
 def sample_digits(model, labels: torch.Tensor, noise: torch.Tensor, sampling_steps: int,
-                  cfg_scale: float, batch_size: int = 250, progress: bool = False) -> torch.Tensor:
+                  cfg_scale: float, batch_size: int = 250, progress: bool = False,
+                  noise_schedule: str = "linear") -> torch.Tensor:
     """Ancestral sampling (respaced to `sampling_steps`) of `labels` from `noise`; cfg_scale > 1
     applies classifier-free guidance to every channel. Returns (N, C, S, S) in [-1, 1]."""
     from .diffusion import create_diffusion
 
-    diffusion = create_diffusion(str(sampling_steps))
+    diffusion = create_diffusion(str(sampling_steps), noise_schedule=noise_schedule)
     out = []
     for i in range(0, len(labels), batch_size):
         y, z = labels[i:i + batch_size], noise[i:i + batch_size]

@@ -270,6 +270,27 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
         f"dit-fast train: error: --data-path {str(tmp_path / 'nope')!r} does not exist"]
 
 
+def test_argparse_errors_are_reported_by_rank_0_only(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        main(["--precision", "fp8"])
+    assert e.value.code == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):
+        main(["--precision", "fp8"])
+    assert "--precision" in capsys.readouterr().err
+
+
+def test_dit_fast_console_script_is_declared():
+    tomllib = pytest.importorskip("tomllib")
+    from dit_fast import cli
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["dit-fast"] == "dit_fast.cli:main"
+    module, func = scripts["dit-fast"].split(":")
+    assert getattr(__import__(module, fromlist=[func]), func) is cli.main
+
+
 def test_cli_lists_commands(capsys):
     from dit_fast import cli
 

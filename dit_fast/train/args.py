@@ -5,10 +5,11 @@ The official train.py flags keep their names and defaults (--data-path, --result
 --log-every, --ckpt-every); the rest are additions.
 """
 import argparse
+import os
 import sys
 from typing import List, Optional, Sequence, Set, Tuple
 
-from ..models.dit import BLOCK_TYPES
+from ..models.dit import BLOCK_TYPES, DiT_models
 
 DATASETS = ("auto", "imagefolder", "latents", "digits")
 
@@ -17,7 +18,9 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line (`prog: error: ...`), exit status 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        # under torchrun every process parses the same arguments: one of them reports
+        rank0 = os.environ.get("RANK", "0") in ("", "0")
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if rank0 else None)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -120,6 +123,8 @@ def validate(args: argparse.Namespace, custom_dataset: bool = False) -> None:
         raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.class_dropout_prob is not None and not 0.0 <= args.class_dropout_prob < 1.0:
         raise ValueError(f"--class-dropout-prob must be in [0, 1), got {args.class_dropout_prob}")
+    if args.model not in DiT_models:
+        raise ValueError(f"--model: unknown model {args.model!r}; choose one of {', '.join(DiT_models)}")
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size must be positive, got {args.image_size}")
     if args.dataset == "digits":
