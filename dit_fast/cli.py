@@ -43,7 +43,7 @@ def usage() -> str:
     lines = ["usage: dit-fast <command> [options]   (dit-fast <command> --help for its options)", "",
              "commands:"]
     lines += [f"  {n.ljust(width)}  {h}" for n, (_, h) in cmds.items()]
-    lines += ["", "New here? Try:  dit-fast demo --out dit-fast-demo   (about 10 minutes on 2 CPU cores)"]
+    lines += ["", "New here? Try:  dit-fast demo --out dit-fast-demo   (a few minutes on 2 CPU cores)"]
     return "\n".join(lines)
 
 
