@@ -313,6 +313,33 @@ def test_grad_checkpointing_is_exact_and_bf16_trains(tmp_path):
     assert runs["bf16"] != runs["plain"]          # autocast really ran in bfloat16
 
 
+def test_worker_processes_read_the_same_batches(reference, tmp_path):
+    """The data order and augmentation do not depend on --num-workers (nor on worker seeding)."""
+    run = tmp_path / "run"
+    train(make_args(**{**TINY, "num_workers": 2}, max_steps=3, ckpt_every=3, results_dir=str(run)))
+    ref, got = _losses(reference), _losses(run)
+    assert [got[s] for s in (1, 2, 3)] == [ref[s] for s in (1, 2, 3)]
+
+
+class _Constant(torch.utils.data.Dataset):
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, i):
+        return torch.full((1, 8, 8), (i % 5) / 5 - 0.5), i % 2
+
+
+def test_epochs_bound_the_run_and_drop_the_partial_batch(tmp_path):
+    run = tmp_path / "run"
+    summary = train(make_args(**{**TINY, "dataset": "auto"}, num_classes=2, epochs=2, ckpt_every=100, results_dir=str(run)),
+                    dataset=_Constant())
+    assert summary["step"] == 4 and summary["epoch"] == 2          # 20 samples, batch 8: 2 steps per epoch
+    assert [r["epoch"] for r in read_metrics(run)] == [0, 0, 1, 1]
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4]   # the last step is always saved
+    ck = _load(run / "checkpoints" / "0000004.pt")
+    assert ck["config"]["num_classes"] == 2 and ck["config"]["in_channels"] == 1
+
+
 def test_unconditional_has_no_label_dropout(tmp_path):
     train(make_args(**TINY, num_classes=1, max_steps=2, ckpt_every=2, results_dir=str(tmp_path / "run")))
     ck = _load(tmp_path / "run" / "checkpoints" / "0000002.pt")
