@@ -162,6 +162,19 @@ def test_resume_logs_the_same_losses(reference, tmp_path):
     _assert_same_state(_load(run / "checkpoints" / "0000020.pt"), _load(reference / "checkpoints" / "0000020.pt"))
 
 
+def test_resume_from_python_takes_the_saved_arguments(reference, tmp_path):
+    """make_args(resume=RUN, max_steps=N): everything left at its default comes from the checkpoint."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(reference / "checkpoints" / "0000010.pt", run / "checkpoints")
+    summary = train(make_args(resume=str(run), max_steps=12, progress=False))
+    assert summary["results_dir"] == str(run.resolve()) and summary["step"] == 12
+    ref, got = _losses(reference), _losses(run)
+    assert [got[s] for s in (11, 12)] == [ref[s] for s in (11, 12)]
+
+
 def test_resume_after_sigkill_between_checkpoints(reference, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "dit_fast.train", *TINY_FLAGS, "--max-steps", "30", "--ckpt-every", "10",

@@ -156,11 +156,15 @@ def _merge_resume_args(args: argparse.Namespace, saved: argparse.Namespace, expl
                        ckpt_path: Path, logger_msgs: list) -> argparse.Namespace:
     """The saved run's arguments, updated with the ones given now (all of them for the Python API)."""
     merged = argparse.Namespace(**vars(saved))
-    given = set(vars(args)) if explicit is None else set(explicit)
+    if explicit is None:  # the Python API: the arguments set away from their defaults
+        from .args import defaults
+
+        base = vars(defaults())
+        explicit = {k for k, v in vars(args).items() if k not in base or base[k] != v}
     for k, v in vars(args).items():
-        if k in given or not hasattr(merged, k):
+        if k in explicit or not hasattr(merged, k):
             setattr(merged, k, v)
-    if explicit is not None and "results_dir" not in explicit:
+    if "results_dir" not in explicit:
         merged.results_dir = str(ckpt_state.run_dir_of(ckpt_path))
     merged.resume = str(ckpt_path)
     changed = [k for k in _ORDER_ARGS if getattr(saved, k, None) != getattr(merged, k, None)
@@ -236,7 +240,7 @@ def train(args: argparse.Namespace, dataset=None, explicit: Optional[Set[str]] =
     dataset: optional map-style dataset of (x, label) model inputs (pixels or latents) used instead
         of --data-path; x is (C, S, S). Under torchrun every rank must pass the same dataset.
     explicit: names of the arguments given on the command line; with --resume, the others are
-        taken from the checkpoint (None: all of `args` is explicit).
+        taken from the checkpoint (None: the arguments that differ from their defaults).
     Returns a summary: final step, epoch, results directory, last checkpoint, last logged metrics.
     Raises ValueError for bad arguments and TrainingError when training cannot go on.
     """
