@@ -54,7 +54,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=2.5, help="classifier-free guidance scale")
     p.add_argument("--classifier-epochs", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the cores not already busy, judged by the load average; "
                         "threads competing with other processes for cores slow training down several times)")
