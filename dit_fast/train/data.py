@@ -1,0 +1,301 @@
+"""Training data: ImageFolder trees, pre-extracted latents, the bundled digits, and the sampler.
+
+Every random choice the data makes (order, horizontal flip, the latent sample drawn from a stored
+VAE posterior) is a function of (seed, epoch, index), handed to the dataset by `TrainSampler` as a
+`SampleKey`. Nothing depends on worker processes or on where a run was resumed, so a resumed run
+reads exactly the batches the uninterrupted run would have read.
+"""
+import bisect
+import json
+import os
+from pathlib import Path
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+LATENTS_FORMAT = "dit_fast.latents/1"
+LATENTS_META = "meta.json"
+
+
+class SampleKey(NamedTuple):
+    """One sample request: dataset index, horizontal flip (0/1), seed for any other randomness."""
+    index: int
+    flip: int
+    seed: int
+
+
+def _mix(*words: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy's SeedSequence)."""
+    state = np.random.SeedSequence([int(w) & 0xFFFFFFFFFFFFFFFF for w in words]).generate_state(2, np.uint64)
+    return int((int(state[0]) << 32 ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+def center_crop_arr(pil_image, image_size: int):
+    """Center cropping implementation from ADM (as in the official DiT train.py).
+    https://github.com/openai/guided-diffusion/blob/8fb3ad9197f16bbc40620447b2742e13458d2831/guided_diffusion/image_datasets.py#L126
+    """
+    from PIL import Image
+
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size])
+
+
+def pil_to_tensor(img) -> torch.Tensor:
+    """ToTensor() then Normalize(mean=0.5, std=0.5): (3, H, W) float32 in [-1, 1]."""
+    x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    x = x.to(torch.float32).div(255)
+    return x.sub_(0.5).div_(0.5)
+
+
+def preprocess(img, image_size: int, flip: bool) -> torch.Tensor:
+    """The official transform: ADM center crop, horizontal flip (here chosen by the caller), [-1, 1]."""
+    from PIL import Image
+
+    img = center_crop_arr(img.convert("RGB"), image_size)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return pil_to_tensor(img)
+
+
+# --------------------------------------------------------------------------- datasets
+
+class ImageFolder(Dataset):
+    """root/<class>/**/<image>, as torchvision's ImageFolder reads it (classes sorted by name,
+    files sorted, symlinks followed), with the official DiT preprocessing. Items: (image, label)."""
+
+    accepts_sample_key = True
+
+    def __init__(self, root, image_size: int, flip: bool = True):
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"--data-path {str(root)!r} is not a directory")
+        self.root, self.image_size, self.flip = root, int(image_size), flip
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not self.classes:
+            raise ValueError(f"--data-path {str(root)!r} has no class folders (expected root/<class>/<images>)")
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples: List[Tuple[str, int]] = []
+        for c in self.classes:
+            for dirpath, _, files in sorted(os.walk(root / c, followlinks=True)):
+                for name in sorted(files):
+                    if name.lower().endswith(IMG_EXTENSIONS):
+                        self.samples.append((os.path.join(dirpath, name), self.class_to_idx[c]))
+        if not self.samples:
+            raise ValueError(f"--data-path {str(root)!r} holds no images ({', '.join(IMG_EXTENSIONS)})")
+        self.targets = [s[1] for s in self.samples]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int, flip: bool) -> Tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        path, label = self.samples[index]
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+        return preprocess(img, self.image_size, flip and self.flip), label
+
+    def __getitem__(self, key) -> Tuple[torch.Tensor, int]:
+        key = _as_key(key)
+        return self.load(key.index, bool(key.flip))
+
+
+class LatentDataset(Dataset):
+    """Latents written by `python -m dit_fast.extract_latents`.
+
+    Each shard holds, for every image, the VAE latents of the image and of its horizontal flip;
+    the flip is chosen at random per epoch as the on-the-fly pipeline would. Shards stored as
+    posterior moments (`--store moments`) are sampled afresh each time (mean + std * noise), so the
+    training data is distributed exactly like on-the-fly VAE encoding. Shards are memory-mapped.
+    """
+
+    accepts_sample_key = True
+
+    def __init__(self, root):
+        root = Path(root)
+        meta_path = root / LATENTS_META
+        if not meta_path.is_file():
+            raise ValueError(f"--data-path {str(root)!r} has no {LATENTS_META} (not an extract_latents output)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != LATENTS_FORMAT:
+            raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r} (expected {LATENTS_FORMAT!r})")
+        self.root, self.meta = root, meta
+        self.store = meta["store"]
+        self.shard_files = [root / s["file"] for s in meta["shards"]]
+        for f in self.shard_files:
+            if not f.is_file():
+                raise ValueError(f"latents shard missing: {f}")
+        self.sizes = [int(s["num"]) for s in meta["shards"]]
+        self.offsets = np.cumsum([0] + self.sizes).tolist()
+        self._shards: Optional[List[dict]] = None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def latent_shape(self) -> Tuple[int, int, int]:
+        return tuple(self.meta["latent_shape"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _load(self) -> List[dict]:
+        if self._shards is None:  # lazily, in each worker: the mmap is shared, never pickled
+            self._shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+                            for f in self.shard_files]
+        return self._shards
+
+    def __getitem__(self, key) -> Tuple[torch.Tensor, int]:
+        key = _as_key(key)
+        if not 0 <= key.index < len(self):
+            raise IndexError(f"latent index {key.index} out of range [0, {len(self)})")
+        s = bisect.bisect_right(self.offsets, key.index) - 1
+        shard = self._load()[s]
+        i = key.index - self.offsets[s]
+        lat = shard["latents"][i, int(key.flip)]
+        label = int(shard["labels"][i])
+        if self.store == "moments":
+            mean, std = lat[0].float(), lat[1].float()
+            noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(key.seed))
+            return mean + std * noise, label
+        return lat.float().clone(), label
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 digits upscaled to image_size, one grey channel in [-1, 1].
+    No horizontal flip: a mirrored digit is not the same digit."""
+
+    accepts_sample_key = True
+
+    def __init__(self, image_size: int = 16):
+        from ..eval.digits import load_digits_images
+
+        self.images, self.labels = load_digits_images(image_size)
+        self.image_size = image_size
+
+    num_classes = 10
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key) -> Tuple[torch.Tensor, int]:
+        key = _as_key(key)
+        return self.images[key.index], int(self.labels[key.index])
+
+
+class KeyedDataset(Dataset):
+    """Adapts a user dataset (indexed by int, returning (x, label) or x) to SampleKey requests."""
+
+    accepts_sample_key = True
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        item = self.dataset[_as_key(key).index]
+        if isinstance(item, (tuple, list)):
+            if len(item) < 2:
+                raise ValueError("a custom dataset must return (x, label) or x")
+            return item[0], int(item[1])
+        return item, 0
+
+
+def _as_key(key) -> SampleKey:
+    if isinstance(key, SampleKey):
+        return key
+    if isinstance(key, (tuple, list)) and len(key) == 3:
+        return SampleKey(int(key[0]), int(key[1]), int(key[2]))
+    return SampleKey(int(key), 0, 0)
+
+
+def keyed(dataset) -> Dataset:
+    return dataset if getattr(dataset, "accepts_sample_key", False) else KeyedDataset(dataset)
+
+
+def is_latents_dir(path) -> bool:
+    return (Path(path) / LATENTS_META).is_file()
+
+
+# --------------------------------------------------------------------------- sampler
+
+class TrainSampler(DistributedSampler):
+    """DistributedSampler (shuffled, seeded per run: the official order) that yields SampleKeys and
+    can start mid-epoch.
+
+    Each epoch permutes the dataset with seed + epoch exactly as DistributedSampler does; the flip
+    bit and item seed of every index come from a second stream derived from (seed, epoch), the same
+    on every rank. `steps_per_epoch` full per-rank batches are yielded (the DataLoader drops the
+    last partial batch, as the official loader does).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, batch_size: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.start_batch = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select `epoch`; the next iteration starts at batch `start_batch` of it."""
+        if not 0 <= start_batch <= self.steps_per_epoch:
+            raise ValueError(f"start_batch must be in [0, {self.steps_per_epoch}], got {start_batch}")
+        super().set_epoch(epoch)
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_batch) * self.batch_size
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        indices = list(super().__iter__())
+        indices = indices[self.start_batch * self.batch_size: self.steps_per_epoch * self.batch_size]
+        gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0xF11B))
+        aug = torch.randint(0, 2 ** 62, (len(self.dataset),), generator=gen).tolist()
+        for i in indices:
+            yield SampleKey(i, aug[i] & 1, aug[i] >> 1)
+
+
+def label_count(dataset) -> Optional[int]:
+    n = getattr(dataset, "num_classes", None)
+    return int(n) if n is not None else None
+
+
+def split_batch(global_batch_size: int, world_size: int) -> int:
+    if global_batch_size < 1:
+        raise ValueError(f"--global-batch-size must be >= 1, got {global_batch_size}")
+    if global_batch_size % world_size:
+        raise ValueError(f"--global-batch-size {global_batch_size} must be divisible by the world size "
+                         f"{world_size} (one equal share per process)")
+    return global_batch_size // world_size
+
+
+def check_labels(labels: Sequence[int], num_classes: int) -> None:
+    if len(labels) and (min(labels) < 0 or max(labels) >= num_classes):
+        raise ValueError(f"--num-classes {num_classes}: the data has labels in [{min(labels)}, {max(labels)}]")
