@@ -33,6 +33,7 @@
 #include "common/bf16.h"
 #include "common/macros.h"
 #include "cpu/isa.h"
+#include "cpu/row_parallel.h"
 
 #if DIT_CPU_HAVE_AVX2_PATH
 #include <immintrin.h>
@@ -61,14 +62,7 @@ constexpr int64_t kPad = 16;
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
+using rowpar::AccOf;  // float accumulators for float32 / bfloat16, double for float64
 
 DIT_FORCEINLINE float to_acc(float v) { return v; }
 DIT_FORCEINLINE double to_acc(double v) { return v; }

@@ -21,6 +21,7 @@
 #include "common/ln_modulate.h"
 #include "common/macros.h"
 #include "cpu/isa.h"
+#include "cpu/row_parallel.h"
 
 namespace dit_fast {
 namespace cpu {
@@ -28,46 +29,13 @@ namespace {
 
 namespace lnm = ::dit_fast::ln_modulate;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccOf<T>::type;
-
-// ---- row load / store (widening to the accumulator type) ----------------------------------
-
-DIT_FORCEINLINE void load_row(const bf16* src, float* dst, int64_t n) {
-  DIT_OMP_SIMD
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(src[i].bits);
-}
-DIT_FORCEINLINE void store_row(const float* src, bf16* dst, int64_t n) {
-  DIT_OMP_SIMD
-  for (int64_t i = 0; i < n; ++i) dst[i].bits = float_to_bf16_bits(src[i]);
-}
-template <typename A>
-DIT_FORCEINLINE void store_row(const A* src, A* dst, int64_t n) {
-  DIT_OMP_SIMD
-  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
-}
-
-// Returns a pointer to the row in the accumulator type: the row itself when no widening is
-// needed, else `scratch` filled with the widened row.
-template <typename T>
-DIT_FORCEINLINE const acc_t<T>* widen(const T* src, acc_t<T>* scratch, int64_t n) {
-  if constexpr (std::is_same<T, acc_t<T>>::value) {
-    (void)scratch;
-    (void)n;
-    return src;
-  } else {
-    load_row(src, scratch, n);
-    return scratch;
-  }
-}
+// Accumulator type, row widening/narrowing and the thread-count rule shared with the other
+// row-parallel CPU kernels (cpu/row_parallel.h).
+using rowpar::acc_t;
+using rowpar::load_row;
+using rowpar::resolve_threads;
+using rowpar::store_row;
+using rowpar::widen;
 
 // ---- per-row / per-chunk routines (force-inlined into each ISA wrapper) --------------------
 
@@ -241,23 +209,6 @@ BwdChunkFn<T> pick_bwd() {
 }
 
 // ---- drivers ------------------------------------------------------------------------------
-
-// Below this many elements the kernels run single-threaded (fork/join costs more than it saves).
-constexpr int64_t kParallelMinElems = int64_t(1) << 15;
-
-int resolve_threads(int num_threads, int64_t work_items, int64_t elems) {
-#ifdef _OPENMP
-  int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-  if (elems < kParallelMinElems) nt = 1;
-  if (work_items < nt) nt = static_cast<int>(std::max<int64_t>(work_items, 1));
-  return std::max(nt, 1);
-#else
-  (void)num_threads;
-  (void)work_items;
-  (void)elems;
-  return 1;
-#endif
-}
 
 template <typename T>
 void fwd_driver(const FwdArgs& a, int64_t N, int num_threads) {

@@ -34,16 +34,20 @@ using acc_t = typename AccOf<T>::type;
 // Below this many elements a kernel runs single-threaded (fork/join costs more than it saves).
 constexpr int64_t kParallelMinElems = int64_t(1) << 15;
 
-inline int resolve_threads(int num_threads, int64_t work_items, int64_t elems) {
+// Threads for a parallel region over `work_items` items touching `elems` elements in total:
+// num_threads (<= 0: the OpenMP default), 1 below `min_parallel_elems`, never more than the items.
+inline int resolve_threads(int num_threads, int64_t work_items, int64_t elems,
+                           int64_t min_parallel_elems = kParallelMinElems) {
 #ifdef _OPENMP
   int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-  if (elems < kParallelMinElems) nt = 1;
+  if (elems < min_parallel_elems) nt = 1;
   if (work_items < nt) nt = static_cast<int>(std::max<int64_t>(work_items, 1));
   return std::max(nt, 1);
 #else
   (void)num_threads;
   (void)work_items;
   (void)elems;
+  (void)min_parallel_elems;
   return 1;
 #endif
 }
