@@ -70,10 +70,10 @@ def enable_grad_checkpointing(model: DiT) -> None:
     for block in model.blocks:
         fwd = block.forward
 
-        def wrapped(*inputs, _fwd=fwd):
+        def wrapped(*inputs, _fwd=fwd, **kwargs):  # the fused forward passes mod=, h=, next_norm=
             if torch.is_grad_enabled():
-                return checkpoint(_fwd, *inputs, use_reentrant=False)
-            return _fwd(*inputs)
+                return checkpoint(_fwd, *inputs, use_reentrant=False, **kwargs)
+            return _fwd(*inputs, **kwargs)
 
         block.forward = wrapped
 
