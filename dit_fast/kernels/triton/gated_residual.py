@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _rows
+from .ln_modulate import ln_modulate_tile, ln_modulate_tile_bwd
 
 __all__ = ["gated_residual_ln_modulate_fwd", "gated_residual_ln_modulate_bwd",
            "gated_residual_fwd", "gated_residual_bwd", "AOT_SPECS"]
@@ -37,13 +38,7 @@ def _gr_ln_modulate_fwd_kernel(X, Y, GATE, SHIFT, SCALE, XN, H, MEAN, RSTD, R, T
     xn = (x + g * y).to(XN.dtype.element_ty)
     tl.store(XN + off, xn, mask=mask)
     r = xn.to(tl.float32)  # the LayerNorm sees x_new as stored
-    mean = tl.sum(r, axis=1) / D
-    rc = tl.where(mask, r - mean[:, None], 0.0)
-    var = tl.sum(rc * rc, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
-    sh = tl.load(SHIFT + n[:, None] * shift_rs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    sc = tl.load(SCALE + n[:, None] * scale_rs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    h = rc * rstd[:, None] * (1.0 + sc) + sh
+    h, mean, rstd = ln_modulate_tile(r, mask, n, cols, SHIFT, SCALE, shift_rs, scale_rs, D, eps)
     tl.store(H + off, h.to(H.dtype.element_ty), mask=mask)
     tl.store(MEAN + rows, mean, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)
@@ -75,11 +70,7 @@ def _gr_ln_modulate_bwd_kernel(DXN, DH, XN, Y, GATE, SCALE, MEAN, RSTD, DX, DY, 
         dh = tl.load(DH + off, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-        xhat = tl.where(mask, (r - mean[:, None]) * rstd[:, None], 0.0)
-        gx = dh * (1.0 + sc[None, :])
-        mean_g = tl.sum(gx, axis=1) / D
-        mean_gx = tl.sum(gx * xhat, axis=1) / D
-        dr = rstd[:, None] * (gx - mean_g[:, None] - xhat * mean_gx[:, None])
+        dr, xhat = ln_modulate_tile_bwd(dh, r, mask, mean, rstd, sc, D)
         if HAS_DXN:
             dr += tl.load(DXN + off, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)

@@ -15,7 +15,34 @@ import triton.language as tl
 
 from . import _rows
 
-__all__ = ["ln_modulate_fwd", "ln_modulate_bwd", "AOT_SPECS"]
+__all__ = ["ln_modulate_fwd", "ln_modulate_bwd", "ln_modulate_tile", "ln_modulate_tile_bwd", "AOT_SPECS"]
+
+
+# ---- tile math shared with the gated-residual kernels (gated_residual.py) -------------------
+
+@triton.jit
+def ln_modulate_tile(x, mask, n, cols, SHIFT, SCALE, shift_rs, scale_rs, D, eps):
+    """LN(x) * (1 + scale[n]) + shift[n] of a [ROWS, BLOCK_D] float32 tile (masked lanes 0):
+    (out, mean, rstd)."""
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    sh = tl.load(SHIFT + n[:, None] * shift_rs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(SCALE + n[:, None] * scale_rs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return xc * rstd[:, None] * (1.0 + sc) + sh, mean, rstd
+
+
+@triton.jit
+def ln_modulate_tile_bwd(dout, x, mask, mean, rstd, sc, D):
+    """Gradient through LN-modulate for a [ROWS, BLOCK_D] float32 tile, sc the (BLOCK_D,) scale row:
+    (dx, xhat)."""
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    g = dout * (1.0 + sc[None, :])
+    mean_g = tl.sum(g, axis=1) / D
+    mean_gx = tl.sum(g * xhat, axis=1) / D
+    return rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None]), xhat
+
 
 
 @triton.jit
@@ -28,13 +55,7 @@ def _ln_modulate_fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, R, T, D, shift_rs, s
     mask = rmask[:, None] & (cols < D)[None, :]
     off = rows[:, None] * D + cols[None, :]
     x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
-    sh = tl.load(SHIFT + n[:, None] * shift_rs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    sc = tl.load(SCALE + n[:, None] * scale_rs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * (1.0 + sc) + sh
+    y, mean, rstd = ln_modulate_tile(x, mask, n, cols, SHIFT, SCALE, shift_rs, scale_rs, D, eps)
     tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + rows, mean, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)
@@ -63,11 +84,7 @@ def _ln_modulate_bwd_kernel(DY, X, SCALE, MEAN, RSTD, DX, PART, T, D, scale_rs, 
         dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = dy * (1.0 + sc[None, :])
-        mean_g = tl.sum(g, axis=1) / D
-        mean_gx = tl.sum(g * xhat, axis=1) / D
-        dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+        dx, xhat = ln_modulate_tile_bwd(dy, x, mask, mean, rstd, sc, D)
         tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
         acc_shift += tl.sum(dy, axis=0)
         acc_scale += tl.sum(dy * xhat, axis=0)
