@@ -15,6 +15,9 @@
 //   gelu_bias_fwd(Tensor h, Tensor bias) -> out;  gelu_bias_fwd_(Tensor(a!) h, Tensor bias) -> ()
 //       (in place; returns nothing, so that it can be functionalized)
 //   gelu_bias_bwd(Tensor dout, Tensor h, Tensor bias) -> (dh, dbias)
+//   linear_pack(Tensor weight) -> packed        weight (N, K) float32 -> the packed GEMM layout
+//   linear_packed(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gelu) -> out
+//       out (..., N) = [gelu](x (..., K) @ weight^T + bias), float32, x contiguous (cpu/gemm.h)
 //   attention_fwd(Tensor qkv, int num_heads) -> (out, lse)
 //       qkv (N, T, 3*D) (the qkv Linear's output; unit stride along the last dim, any N/T strides),
 //       out (N, T, D) heads merged, lse (N, H, T) float32 (float64 for float64 qkv)
@@ -31,11 +34,13 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "binding_utils.h"
 #include "cpu/attention.h"
 #include "cpu/gated_residual.h"
 #include "cpu/gelu.h"
+#include "cpu/gemm.h"
 #include "cpu/isa.h"
 #include "cpu/ln_modulate.h"
 
@@ -192,6 +197,57 @@ std::tuple<Tensor, Tensor> gelu_bias_bwd_cpu(const Tensor& dout, const Tensor& h
   return {dh, dbias};
 }
 
+// ---- packed-weight linear --------------------------------------------------------------------
+
+void check_f32_cpu(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == c10::ScalarType::Float, op, ": ", name,
+              " must be float32 (the packed GEMM is float32 only), got ", t.scalar_type());
+  binding::check_device(op, t, c10::DeviceType::CPU, name);
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+Tensor linear_pack_cpu(const Tensor& weight) {
+  const char* op = "dit_fast::linear_pack";
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ",
+              weight.sizes());
+  check_f32_cpu(op, "weight", weight);
+  const int64_t N = weight.size(0), K = weight.size(1);
+  Tensor packed = at::empty({cpu::linear_packed_numel(N, K)}, weight.options());
+  const Status s = cpu::linear_pack(weight.const_data_ptr<float>(), N, K,
+                                    packed.mutable_data_ptr<float>());
+  TORCH_CHECK(s == Status::kOk, op, " (cpu): ", status_name(s));
+  return packed;
+}
+
+Tensor linear_packed_cpu(const Tensor& x, const Tensor& packed, const std::optional<Tensor>& bias,
+                         int64_t out_features, bool gelu) {
+  const char* op = "dit_fast::linear_packed";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (..., in_features)");
+  check_f32_cpu(op, "x", x);
+  check_f32_cpu(op, "packed", packed);
+  const int64_t N = out_features, K = x.size(-1);
+  TORCH_CHECK(N >= 0, op, ": out_features must be >= 0, got ", N);
+  TORCH_CHECK(packed.dim() == 1 && packed.numel() == cpu::linear_packed_numel(N, K), op,
+              ": packed must be linear_pack(weight) of a (", N, ", ", K, ") weight (",
+              cpu::linear_packed_numel(N, K), " elements), got shape ", packed.sizes());
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    check_f32_cpu(op, "bias", *bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N,
+                ",), got ", bias->sizes());
+    b = bias->const_data_ptr<float>();
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  Tensor out = at::empty(shape, x.options());
+  const int64_t M = K > 0 ? x.numel() / K : (N > 0 ? out.numel() / N : 0);
+  const Status s = cpu::linear_packed_fwd(
+      x.const_data_ptr<float>(), K, packed.const_data_ptr<float>(), b, out.mutable_data_ptr<float>(),
+      N, M, N, K, gelu ? cpu::Epilogue::kGelu : cpu::Epilogue::kNone, at::get_num_threads());
+  TORCH_CHECK(s == Status::kOk, op, " (cpu): ", status_name(s));
+  return out;
+}
+
 // ---- attention -------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& qkv, int64_t num_heads) {
@@ -239,6 +295,8 @@ TORCH_LIBRARY(dit_fast, m) {
   m.def("gelu_bias_fwd(Tensor h, Tensor bias) -> Tensor");
   m.def("gelu_bias_fwd_(Tensor(a!) h, Tensor bias) -> ()");
   m.def("gelu_bias_bwd(Tensor dout, Tensor h, Tensor bias) -> (Tensor, Tensor)");
+  m.def("linear_pack(Tensor weight) -> Tensor");
+  m.def("linear_packed(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gelu) -> Tensor");
   m.def("attention_fwd(Tensor qkv, int num_heads) -> (Tensor, Tensor)");
 }
 
@@ -252,6 +310,8 @@ TORCH_LIBRARY_IMPL(dit_fast, CPU, m) {
   m.impl("gelu_bias_fwd", &dit_fast::gelu_bias_fwd_cpu);
   m.impl("gelu_bias_fwd_", &dit_fast::gelu_bias_fwd_inplace_cpu);
   m.impl("gelu_bias_bwd", &dit_fast::gelu_bias_bwd_cpu);
+  m.impl("linear_pack", &dit_fast::linear_pack_cpu);
+  m.impl("linear_packed", &dit_fast::linear_packed_cpu);
   m.impl("attention_fwd", &dit_fast::attention_fwd_cpu);
 }
 

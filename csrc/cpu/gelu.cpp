@@ -18,6 +18,7 @@
 #include "common/macros.h"
 #include "cpu/isa.h"
 #include "cpu/row_parallel.h"
+#include "cpu/gelu_avx2.h"
 #include "cpu/vec_avx2.h"
 
 namespace dit_fast {
@@ -97,38 +98,6 @@ DIT_FORCEINLINE void bwd_rows_generic_impl(const Args& a, int64_t r0, int64_t r1
 
 #define DIT_AVX2_FI DIT_TARGET_AVX2 inline __attribute__((always_inline))
 
-// a = -2u, e = exp(clamp(a)), s = sigmoid(2u) flushed to 0 where a >= clamp (common/gelu.h).
-struct Sig8 {
-  __m256 a, e, s;
-};
-DIT_AVX2_FI Sig8 sig8(__m256 v) {
-  const __m256 v2 = _mm256_mul_ps(v, v);
-  const __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(static_cast<float>(gelu::kKappa)), v2), v, v);
-  const __m256 a = _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(-2.0 * gelu::kBeta)), inner);
-  const __m256 c = _mm256_set1_ps(gelu::kExpClampF);
-  const __m256 ac = _mm256_min_ps(_mm256_max_ps(a, _mm256_sub_ps(_mm256_setzero_ps(), c)), c);
-  const __m256 e = avx2::exp8(ac);
-  const __m256 one = _mm256_set1_ps(1.0f);
-  __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, e));
-  s = _mm256_andnot_ps(_mm256_cmp_ps(a, c, _CMP_GE_OQ), s);
-  return {a, e, s};
-}
-
-DIT_AVX2_FI __m256 gelu8(__m256 v) { return _mm256_mul_ps(v, sig8(v).s); }
-
-// gelu::grad_from: 0 where a >= c, 1 where a <= -c, else s + 2 beta ((e s) s) v (1 + 3 kappa v^2).
-DIT_AVX2_FI __m256 grad8(__m256 v) {
-  const Sig8 q = sig8(v);
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 c = _mm256_set1_ps(gelu::kExpClampF);
-  const __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(3.0 * gelu::kKappa)),
-                                      _mm256_mul_ps(v, v), one);
-  const __m256 t = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(q.e, q.s), q.s), v), poly);
-  __m256 g = _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(2.0 * gelu::kBeta)), t, q.s);
-  g = _mm256_blendv_ps(g, one, _mm256_cmp_ps(q.a, _mm256_sub_ps(_mm256_setzero_ps(), c), _CMP_LE_OQ));
-  return _mm256_andnot_ps(_mm256_cmp_ps(q.a, c, _CMP_GE_OQ), g);
-}
-
 // Widen / narrow up to 8 elements through a zero-padded fp32 buffer (row tails).
 template <typename T>
 DIT_AVX2_FI __m256 load_tail(const T* p, int64_t n) {
@@ -154,10 +123,10 @@ DIT_AVX2_FI void fwd_rows_avx2_impl(const Args& a, int64_t r0, int64_t r1) {
     const T* hr = static_cast<const T*>(a.h) + r * F;
     T* o = static_cast<T*>(a.out) + r * F;
     for (int64_t f = 0; f < F8; f += 8)
-      avx2::store8(o + f, gelu8(_mm256_add_ps(avx2::load8(hr + f), avx2::load8(bias + f))));
+      avx2::store8(o + f, avx2::gelu8(_mm256_add_ps(avx2::load8(hr + f), avx2::load8(bias + f))));
     if (F8 < F) {
       const int64_t n = F - F8;
-      store_tail(o + F8, gelu8(_mm256_add_ps(load_tail(hr + F8, n), load_tail(bias + F8, n))), n);
+      store_tail(o + F8, avx2::gelu8(_mm256_add_ps(load_tail(hr + F8, n), load_tail(bias + F8, n))), n);
     }
   }
 }
@@ -172,14 +141,14 @@ DIT_AVX2_FI void bwd_rows_avx2_impl(const Args& a, int64_t r0, int64_t r1, float
     T* o = static_cast<T*>(a.out) + r * F;
     for (int64_t f = 0; f < F8; f += 8) {
       const __m256 v = _mm256_add_ps(avx2::load8(hr + f), avx2::load8(bias + f));
-      const __m256 g = _mm256_mul_ps(avx2::load8(dr + f), grad8(v));
+      const __m256 g = _mm256_mul_ps(avx2::load8(dr + f), avx2::grad8(v));
       _mm256_storeu_ps(acc + f, _mm256_add_ps(_mm256_loadu_ps(acc + f), g));
       avx2::store8(o + f, g);
     }
     if (F8 < F) {
       const int64_t n = F - F8;
       const __m256 v = _mm256_add_ps(load_tail(hr + F8, n), load_tail(bias + F8, n));
-      const __m256 g = _mm256_mul_ps(load_tail(dr + F8, n), grad8(v));
+      const __m256 g = _mm256_mul_ps(load_tail(dr + F8, n), avx2::grad8(v));
       alignas(32) float gb[8];
       _mm256_store_ps(gb, g);
       for (int64_t i = 0; i < n; ++i) acc[F8 + i] += gb[i];

@@ -25,6 +25,8 @@
 #                      block's (or the final layer's) input norm
 #     linear_gelu      fc1 with the bias + GELU(tanh) as the GEMM's epilogue
 #     unpatchify       the einsum as one gather
+#     linear           qkv / proj / fc2 / final Linear in CPU float32 inference: a packed-weight
+#                      GEMM (bias, and fc1's GELU, in its epilogue) instead of torch's BLAS
 #   Under dit_fast.use_backend("reference") every op runs the official PyTorch expressions and
 #   the adaLN projections run one Linear per layer, so the output is bit-identical to the official
 #   model's in float32 (tests/test_model.py, tests/test_diffusion.py).
@@ -42,6 +44,7 @@ from .. import _backends, nvtx
 from ..ops import (AdaLNPack, attention_qkv, gated_residual, gated_residual_ln_modulate, linear_gelu,
                    ln_modulate, patch_embed, timestep_embedding)
 from ..ops import unpatchify as unpatchify_tokens
+from ..ops.linear import linear
 
 BLOCK_TYPES = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")
 
@@ -90,9 +93,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        qkv = self.qkv(x)                                # (N, T, 3D), packed (3, H, Dh) per token
+        qkv = linear(self.qkv, x)                        # (N, T, 3D), packed (3, H, Dh) per token
         x = attention_qkv(qkv, self.num_heads)           # (N, T, D), q/k/v read in place
-        return self.proj(x)                              # (N, T, D)
+        return linear(self.proj, x)                      # (N, T, D)
 
 
 class CrossAttention(nn.Module):
@@ -130,7 +133,7 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         h = linear_gelu(x, self.fc1.weight, self.fc1.bias)  # (N, T, M) = act(fc1(x))
-        return self.fc2(h)                                  # (N, T, D)
+        return linear(self.fc2, h)                          # (N, T, D)
 
 
 #################################################################################
@@ -373,7 +376,7 @@ class FinalLayer(nn.Module):
                 h = ln_modulate(x, shift, scale, self.norm_final.eps)  # (N, T, D)
             else:
                 h = self.norm_final(x)                               # (N, T, D)
-        return self.linear(h)                                        # (N, T, p*p*C_out)
+        return linear(self.linear, h)                                # (N, T, p*p*C_out)
 
 
 class DiT(nn.Module):
