@@ -12,6 +12,12 @@ Modes (one timed iteration each):
   (forward_with_cfg + p_sample); dit_fast runs the model once on the doubled batch and its fused guided
   step (GaussianDiffusion.p_sample_step_cfg). The full 250-step sample time is derived: 250 x ms.
 
+Implementations: reference (dit_fast's model under the reference backend: the official math),
+reference+compile, diffusers (DiTTransformer2DModel), official (--reference-repo), dit_fast[<backend>]
+for each backend that runs here, and on CPU dit_fast-blas: dit_fast[cpu] with torch's GEMM for the
+Linear layers instead of the packed-weight GEMM (DIT_FAST_CPU_GEMM=0), which isolates that GEMM's share
+(the two are the same in train mode, where the packed GEMM is not used).
+
 Every implementation runs in this one process, on the same weights and inputs. After warm-up they are
 timed in turns (A B C A B C ...), so that a machine's drift hits all of them alike; the table gives the
 median and the min-max of the turns. Columns:
@@ -55,7 +61,7 @@ from dit_fast.diffusion import create_diffusion  # noqa: E402
 from dit_fast.flops import dit_config, dit_gflops, true_gflop_per_image  # noqa: E402
 
 MODES = ("forward", "train", "sample")
-IMPLS = ("reference", "reference+compile", "diffusers", "official", "dit_fast")
+IMPLS = ("reference", "reference+compile", "diffusers", "official", "dit_fast", "dit_fast-blas")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CFG_SCALE = 4.0
 SAMPLE_STEPS = 250
@@ -72,8 +78,9 @@ class Impl:
     "wrap" (forward_with_cfg's computation around the callable + p_sample) or "fused" (one forward on
     the doubled batch + GaussianDiffusion.p_sample_step_cfg, dit_fast's fused guided step)."""
 
-    def __init__(self, name, build, dtype, backend=None, cfg="method"):
+    def __init__(self, name, build, dtype, backend=None, cfg="method", env=None):
         self.name, self.build, self.dtype, self.backend, self.cfg = name, build, dtype, backend, cfg
+        self.env = env or {}
 
     def context(self, device, autocast):
         stack = contextlib.ExitStack()
@@ -81,7 +88,17 @@ class Impl:
             stack.enter_context(dit_fast.use_backend(self.backend))
         if autocast:
             stack.enter_context(torch.autocast(device.type, dtype=self.dtype))
+        for key, value in self.env.items():
+            stack.callback(_restore_env, key, os.environ.get(key))
+            os.environ[key] = value
         return stack
+
+
+def _restore_env(key, value):
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 class DiffusersAdapter(torch.nn.Module):
@@ -155,6 +172,14 @@ def build_impls(args, base, device):
                 continue
             for dname in args.dtype.split(","):
                 impls.append(Impl(f"dit_fast[{backend}]", clone, DTYPES[dname], backend=backend, cfg="fused"))
+    if "dit_fast-blas" in wanted:  # the cpu backend with torch's GEMM instead of the packed one
+        status = dit_fast.backends()["cpu"]
+        if device.type != "cpu" or not status.available:
+            skipped["dit_fast-blas"] = status.reason or f"the cpu backend does not run on {device.type} tensors"
+        else:
+            for dname in args.dtype.split(","):
+                impls.append(Impl("dit_fast-blas", clone, DTYPES[dname], backend="cpu", cfg="fused",
+                                  env={"DIT_FAST_CPU_GEMM": "0"}))
     return impls, skipped
 
 
@@ -420,7 +445,7 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or (32 if gpu else 8)
     args.dtype = args.dtype or ("bf16" if gpu else "fp32,bf16" if _cpu_has_bf16() else "fp32")
     args.impls = args.impls or ("reference,reference+compile,diffusers,dit_fast" if gpu
-                                else "reference,diffusers,dit_fast")
+                                else "reference,diffusers,dit_fast,dit_fast-blas")
     if args.warmup is not None and args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     args.warmup = args.warmup if args.warmup is not None else 1 if args.quick or not gpu else 3

@@ -37,5 +37,5 @@ def test_cmake_build_and_ctest(tmp_path):
     out = _run([CTEST, "--output-on-failure", "--test-dir", str(build)], build, 600)
     assert "100% tests passed" in out, out
     for name in ("test_bf16", "test_ln_modulate_cpu", "test_gated_residual_cpu", "test_gelu_cpu",
-                 "test_attention_cpu"):
+                 "test_attention_cpu", "test_gemm_cpu"):
         assert name in out, out

@@ -97,7 +97,7 @@ DIT_AVX2_FI void kernel_avx2(int64_t kc, const float* __restrict ap, const float
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t k = 0; k < kc; ++k, ap += MR, bp += NR) {
-    const __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
+    const __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
     DIT_GEMM_ROW(0) DIT_GEMM_ROW(1) DIT_GEMM_ROW(2) DIT_GEMM_ROW(3) DIT_GEMM_ROW(4) DIT_GEMM_ROW(5)
   }
   const __m256 c[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};

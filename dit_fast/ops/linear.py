@@ -6,8 +6,8 @@ GELU) in its epilogue (csrc/cpu/gemm.cpp):
 
 On this project's 2-core AVX2 CPU, MKL's fp32 GEMM runs DiT-S/2's Linear shapes (2048 rows,
 K = 384 / 1536) at roughly half of the FMA peak; the 6x16 AVX2 micro-kernel over a weight packed
-once runs them faster (bench/throughput.py measures the model, `python -m dit_fast.ops.linear`
-the GEMMs alone).
+once runs them somewhat faster (bench/throughput.py's dit_fast-blas row measures the model
+without it, bench/cpu_gemm.py the GEMMs alone).
 
 When the packed GEMM runs (`packed_gemm_applies`): eager inference (no autograd, not compiling,
 no dispatch mode), float32 CPU tensors and no CPU autocast, at least `MIN_ROWS` rows, and the
@@ -133,27 +133,3 @@ def linear(module: nn.Module, x: Tensor) -> Tensor:
     if _plain(module) and packed_gemm_applies(x, module.weight, module.bias):
         return packed_linear(x, module.weight, module.bias)
     return module(x)
-
-
-def _bench() -> None:  # python -m dit_fast.ops.linear: the DiT-S/2 Linear GEMMs, torch vs packed
-    import time
-    torch.manual_seed(0)
-    print(f"threads {torch.get_num_threads()}; GFLOP/s (best of 5 rounds x 5 calls)")
-    for M, K, N in ((2048, 384, 1152), (2048, 384, 384), (2048, 384, 1536), (2048, 1536, 384)):
-        x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
-        fns = {"torch": lambda: F.linear(x, w, b), "packed": lambda: packed_linear(x, w, b)}
-        best = dict.fromkeys(fns, float("inf"))
-        for _ in range(5):
-            for name, fn in fns.items():
-                fn()
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    fn()
-                best[name] = min(best[name], (time.perf_counter() - t0) / 5)
-        gf = {k: 2 * M * K * N / v / 1e9 for k, v in best.items()}
-        print(f"M={M} K={K} N={N}: torch {gf['torch']:.0f}, packed {gf['packed']:.0f} "
-              f"({gf['packed'] / gf['torch']:.2f}x)")
-
-
-if __name__ == "__main__":
-    _bench()
