@@ -36,6 +36,7 @@
 #include <tuple>
 #include <vector>
 
+#include "binding_ops.h"
 #include "binding_utils.h"
 #include "cpu/attention.h"
 #include "cpu/gated_residual.h"
@@ -49,138 +50,19 @@ namespace {
 
 using at::Tensor;
 
-std::tuple<Tensor, Tensor, Tensor> ln_modulate_fwd_cpu(const Tensor& x, const Tensor& shift,
-                                                       const Tensor& scale, double eps) {
-  binding::check_ln_modulate_fwd(x, shift, scale, eps, /*allow_half=*/false);
-  binding::check_device("dit_fast::ln_modulate_fwd", x, c10::DeviceType::CPU);
-  const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
-  Tensor y = at::empty({N, T, D}, x.options());
-  const auto st_opts = x.options().dtype(binding::stats_dtype(x.scalar_type()));
-  Tensor mean = at::empty({N, T}, st_opts);
-  Tensor rstd = at::empty({N, T}, st_opts);
-  const Status s = cpu::ln_modulate_fwd(
-      binding::to_dtype(x.scalar_type()), x.const_data_ptr(), shift.const_data_ptr(),
-      binding::row_stride(shift, D), scale.const_data_ptr(), binding::row_stride(scale, D),
-      y.mutable_data_ptr(), mean.mutable_data_ptr(), rstd.mutable_data_ptr(), N, T, D, eps,
-      at::get_num_threads());
-  TORCH_CHECK(s == Status::kOk, "dit_fast::ln_modulate_fwd (cpu): ", status_name(s));
-  return {y, mean, rstd};
-}
+// The device policy of binding_ops.h for the CPU kernels.
+struct Cpu {
+  static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+  static constexpr bool kAllowHalf = false;
+  struct NoGuard {};
+  static NoGuard guard(const Tensor&) { return {}; }
+  static int exec(const Tensor&) { return at::get_num_threads(); }
+  static void check(const char* op, Status s) {
+    TORCH_CHECK(s == Status::kOk, op, " (cpu): ", status_name(s));
+  }
+};
 
-std::tuple<Tensor, Tensor, Tensor> ln_modulate_bwd_cpu(const Tensor& dy, const Tensor& x,
-                                                       const Tensor& scale, const Tensor& mean,
-                                                       const Tensor& rstd) {
-  binding::check_ln_modulate_bwd(dy, x, scale, mean, rstd, /*allow_half=*/false);
-  binding::check_device("dit_fast::ln_modulate_bwd", x, c10::DeviceType::CPU);
-  const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
-  Tensor dx = at::empty({N, T, D}, x.options());
-  Tensor dshift = at::empty({N, D}, x.options());
-  Tensor dscale = at::empty({N, D}, x.options());
-  const Status s = cpu::ln_modulate_bwd(
-      binding::to_dtype(x.scalar_type()), dy.const_data_ptr(), x.const_data_ptr(),
-      scale.const_data_ptr(), binding::row_stride(scale, D), mean.const_data_ptr(),
-      rstd.const_data_ptr(), dx.mutable_data_ptr(), dshift.mutable_data_ptr(),
-      dscale.mutable_data_ptr(), N, T, D, at::get_num_threads());
-  TORCH_CHECK(s == Status::kOk, "dit_fast::ln_modulate_bwd (cpu): ", status_name(s));
-  return {dx, dshift, dscale};
-}
-
-// ---- gated residual (+ LayerNorm-modulate) ----------------------------------------------------
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_fwd_cpu(
-    const Tensor& x, const Tensor& y, const Tensor& gate, const Tensor& shift, const Tensor& scale,
-    double eps) {
-  binding::check_gated_residual_ln_modulate_fwd(x, y, gate, shift, scale, eps, /*allow_half=*/false);
-  binding::check_device("dit_fast::gated_residual_ln_modulate_fwd", x, c10::DeviceType::CPU);
-  const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
-  Tensor x_new = at::empty({N, T, D}, x.options());
-  Tensor h = at::empty({N, T, D}, x.options());
-  const auto st_opts = x.options().dtype(binding::stats_dtype(x.scalar_type()));
-  Tensor mean = at::empty({N, T}, st_opts);
-  Tensor rstd = at::empty({N, T}, st_opts);
-  const Status s = cpu::gated_residual_ln_modulate_fwd(
-      binding::to_dtype(x.scalar_type()), x.const_data_ptr(), y.const_data_ptr(),
-      gate.const_data_ptr(), binding::row_stride(gate, D), shift.const_data_ptr(),
-      binding::row_stride(shift, D), scale.const_data_ptr(), binding::row_stride(scale, D),
-      x_new.mutable_data_ptr(), h.mutable_data_ptr(), mean.mutable_data_ptr(),
-      rstd.mutable_data_ptr(), N, T, D, eps, at::get_num_threads());
-  TORCH_CHECK(s == Status::kOk, "dit_fast::gated_residual_ln_modulate_fwd (cpu): ", status_name(s));
-  return {x_new, h, mean, rstd};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_bwd_cpu(
-    const std::optional<Tensor>& dx_new, const Tensor& dh, const Tensor& x_new, const Tensor& y,
-    const Tensor& gate, const Tensor& scale, const Tensor& mean, const Tensor& rstd) {
-  binding::check_gated_residual_ln_modulate_bwd(dx_new, dh, x_new, y, gate, scale, mean, rstd,
-                                                /*allow_half=*/false);
-  binding::check_device("dit_fast::gated_residual_ln_modulate_bwd", x_new, c10::DeviceType::CPU,
-                        "x_new");
-  const int64_t N = x_new.size(0), T = x_new.size(1), D = x_new.size(2);
-  const auto opts = x_new.options();
-  Tensor dx = at::empty({N, T, D}, opts), dy = at::empty({N, T, D}, opts);
-  Tensor dgate = at::empty({N, D}, opts), dshift = at::empty({N, D}, opts),
-         dscale = at::empty({N, D}, opts);
-  const Status s = cpu::gated_residual_ln_modulate_bwd(
-      binding::to_dtype(x_new.scalar_type()),
-      dx_new.has_value() ? dx_new->const_data_ptr() : nullptr, dh.const_data_ptr(),
-      x_new.const_data_ptr(), y.const_data_ptr(), gate.const_data_ptr(),
-      binding::row_stride(gate, D), scale.const_data_ptr(), binding::row_stride(scale, D),
-      mean.const_data_ptr(), rstd.const_data_ptr(), dx.mutable_data_ptr(), dy.mutable_data_ptr(),
-      dgate.mutable_data_ptr(), dshift.mutable_data_ptr(), dscale.mutable_data_ptr(), N, T, D,
-      at::get_num_threads());
-  TORCH_CHECK(s == Status::kOk, "dit_fast::gated_residual_ln_modulate_bwd (cpu): ", status_name(s));
-  return {dx, dy, dgate, dshift, dscale};
-}
-
-Tensor gated_residual_fwd_cpu(const Tensor& x, const Tensor& y, const Tensor& gate) {
-  binding::check_gated_residual_fwd(x, y, gate, /*allow_half=*/false);
-  binding::check_device("dit_fast::gated_residual_fwd", x, c10::DeviceType::CPU);
-  const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
-  Tensor out = at::empty({N, T, D}, x.options());
-  const Status s = cpu::gated_residual_fwd(
-      binding::to_dtype(x.scalar_type()), x.const_data_ptr(), y.const_data_ptr(),
-      gate.const_data_ptr(), binding::row_stride(gate, D), out.mutable_data_ptr(), N, T, D,
-      at::get_num_threads());
-  TORCH_CHECK(s == Status::kOk, "dit_fast::gated_residual_fwd (cpu): ", status_name(s));
-  return out;
-}
-
-std::tuple<Tensor, Tensor> gated_residual_bwd_cpu(const Tensor& dout, const Tensor& y,
-                                                  const Tensor& gate) {
-  binding::check_gated_residual_bwd(dout, y, gate, /*allow_half=*/false);
-  binding::check_device("dit_fast::gated_residual_bwd", dout, c10::DeviceType::CPU, "dout");
-  const int64_t N = dout.size(0), T = dout.size(1), D = dout.size(2);
-  Tensor dy = at::empty({N, T, D}, dout.options());
-  Tensor dgate = at::empty({N, D}, dout.options());
-  const Status s = cpu::gated_residual_bwd(
-      binding::to_dtype(dout.scalar_type()), dout.const_data_ptr(), y.const_data_ptr(),
-      gate.const_data_ptr(), binding::row_stride(gate, D), dy.mutable_data_ptr(),
-      dgate.mutable_data_ptr(), N, T, D, at::get_num_threads());
-  TORCH_CHECK(s == Status::kOk, "dit_fast::gated_residual_bwd (cpu): ", status_name(s));
-  return {dy, dgate};
-}
-
-// ---- bias + GELU ---------------------------------------------------------------------------
-
-void gelu_bias_into(const char* op, const Tensor& h, const Tensor& bias, const Tensor& out) {
-  binding::check_gelu_bias(op, h, bias, /*allow_half=*/false);
-  binding::check_device(op, h, c10::DeviceType::CPU, "h");
-  const int64_t F = h.size(-1), M = F > 0 ? h.numel() / F : 0;
-  const Status s = cpu::gelu_bias_fwd(binding::to_dtype(h.scalar_type()), h.const_data_ptr(),
-                                      bias.const_data_ptr(), out.mutable_data_ptr(), M, F,
-                                      at::get_num_threads());
-  TORCH_CHECK(s == Status::kOk, op, " (cpu): ", status_name(s));
-}
-
-Tensor gelu_bias_fwd_cpu(const Tensor& h, const Tensor& bias) {
-  Tensor out = at::empty(h.sizes(), h.options());
-  gelu_bias_into("dit_fast::gelu_bias_fwd", h, bias, out);
-  return out;
-}
-
-void gelu_bias_fwd_inplace_cpu(const Tensor& h, const Tensor& bias) {
-  gelu_bias_into("dit_fast::gelu_bias_fwd_", h, bias, h);
-}
+// ---- bias + GELU backward (the element-wise forwards are binding_ops.h's) -----------------------
 
 std::tuple<Tensor, Tensor> gelu_bias_bwd_cpu(const Tensor& dout, const Tensor& h,
                                              const Tensor& bias) {
@@ -301,14 +183,19 @@ TORCH_LIBRARY(dit_fast, m) {
 }
 
 TORCH_LIBRARY_IMPL(dit_fast, CPU, m) {
-  m.impl("ln_modulate_fwd", &dit_fast::ln_modulate_fwd_cpu);
-  m.impl("ln_modulate_bwd", &dit_fast::ln_modulate_bwd_cpu);
-  m.impl("gated_residual_ln_modulate_fwd", &dit_fast::gated_residual_ln_modulate_fwd_cpu);
-  m.impl("gated_residual_ln_modulate_bwd", &dit_fast::gated_residual_ln_modulate_bwd_cpu);
-  m.impl("gated_residual_fwd", &dit_fast::gated_residual_fwd_cpu);
-  m.impl("gated_residual_bwd", &dit_fast::gated_residual_bwd_cpu);
-  m.impl("gelu_bias_fwd", &dit_fast::gelu_bias_fwd_cpu);
-  m.impl("gelu_bias_fwd_", &dit_fast::gelu_bias_fwd_inplace_cpu);
+  using dit_fast::Cpu;
+  namespace b = dit_fast::binding;
+  namespace k = dit_fast::cpu;
+  m.impl("ln_modulate_fwd", &b::ln_modulate_fwd<Cpu, &k::ln_modulate_fwd>);
+  m.impl("ln_modulate_bwd", &b::ln_modulate_bwd<Cpu, &k::ln_modulate_bwd>);
+  m.impl("gated_residual_ln_modulate_fwd",
+         &b::gated_residual_ln_modulate_fwd<Cpu, &k::gated_residual_ln_modulate_fwd>);
+  m.impl("gated_residual_ln_modulate_bwd",
+         &b::gated_residual_ln_modulate_bwd<Cpu, &k::gated_residual_ln_modulate_bwd>);
+  m.impl("gated_residual_fwd", &b::gated_residual_fwd<Cpu, &k::gated_residual_fwd>);
+  m.impl("gated_residual_bwd", &b::gated_residual_bwd<Cpu, &k::gated_residual_bwd>);
+  m.impl("gelu_bias_fwd", &b::gelu_bias_fwd<Cpu, &k::gelu_bias_fwd>);
+  m.impl("gelu_bias_fwd_", &b::gelu_bias_fwd_inplace<Cpu, &k::gelu_bias_fwd>);
   m.impl("gelu_bias_bwd", &dit_fast::gelu_bias_bwd_cpu);
   m.impl("linear_pack", &dit_fast::linear_pack_cpu);
   m.impl("linear_packed", &dit_fast::linear_packed_cpu);
