@@ -21,6 +21,7 @@
 #include "common/ln_modulate.h"
 #include "common/macros.h"
 #include "cpu/isa.h"
+#include "cpu/ln_modulate_rows.h"
 #include "cpu/row_parallel.h"
 
 namespace dit_fast {
@@ -104,22 +105,9 @@ DIT_FORCEINLINE void fused_fwd_row_impl(const FusedFwdArgs& a, int64_t row, Scra
     r = rr;
   }
 
-  A mean, var;
-  lnm::row_mean_var<A>(r, D, mean, var);
-  const A rstd = lnm::rstd_from_var<A>(var, static_cast<A>(a.eps));
-  static_cast<A*>(a.mean)[row] = mean;
-  static_cast<A*>(a.rstd)[row] = rstd;
-
-  T* hr = static_cast<T*>(a.h) + row * D;
-  if constexpr (std::is_same<T, A>::value) {
-    DIT_OMP_SIMD
-    for (int64_t d = 0; d < D; ++d) hr[d] = lnm::forward_elem<A>(r[d], mean, rstd, sh[d], sc[d]);
-  } else {
-    A* out = buf + D;  // the widened y row is no longer needed
-    DIT_OMP_SIMD
-    for (int64_t d = 0; d < D; ++d) out[d] = lnm::forward_elem<A>(r[d], mean, rstd, sh[d], sc[d]);
-    store_row(out, hr, D);
-  }
+  // tmp: the widened y row, no longer needed
+  lnm_rows::forward<T, A>(r, sh, sc, D, static_cast<A>(a.eps), static_cast<T*>(a.h) + row * D,
+                          static_cast<A*>(a.mean) + row, static_cast<A*>(a.rstd) + row, buf + D);
 }
 
 // ---- fused backward -------------------------------------------------------------------------
@@ -153,7 +141,6 @@ DIT_FORCEINLINE void fused_bwd_chunk_impl(const FusedBwdArgs& a, int64_t n, int6
   A* acc_dscale = acc + 2 * D;
   const A* gt = param_row<T>(a.gate, a.gate_rs, n, D, scratch + 5 * D, true);
   const A* sc = param_row<T>(a.scale, a.scale_rs, n, D, scratch + 6 * D, true);
-  const A inv_d = D > 0 ? A(1) / static_cast<A>(D) : A(0);
   A* zero_row = scratch + 3 * D;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t row = n * a.T + t;
@@ -162,17 +149,8 @@ DIT_FORCEINLINE void fused_bwd_chunk_impl(const FusedBwdArgs& a, int64_t n, int6
     const A mean = static_cast<const A*>(a.mean)[row];
     const A rstd = static_cast<const A*>(a.rstd)[row];
 
-    A sum_g = A(0), sum_gx = A(0);
-    DIT_OMP_SIMD_SUM(sum_g, sum_gx)
-    for (int64_t d = 0; d < D; ++d) {
-      const A xh = lnm::normalize<A>(r[d], mean, rstd);
-      const A g = lnm::grad_xhat<A>(dh[d], sc[d]);
-      sum_g += g;
-      sum_gx += g * xh;
-      acc_dshift[d] += dh[d];
-      acc_dscale[d] += dh[d] * xh;
-    }
-    const A mean_g = sum_g * inv_d, mean_gx = sum_gx * inv_d;
+    A mean_g, mean_gx;
+    lnm_rows::backward_sums<A>(r, dh, sc, mean, rstd, D, acc_dshift, acc_dscale, mean_g, mean_gx);
 
     const A* yr = widen(static_cast<const T*>(a.y) + row * D, scratch + 2 * D, D);
     const A* dxn;

@@ -21,6 +21,7 @@
 #include "common/ln_modulate.h"
 #include "common/macros.h"
 #include "cpu/isa.h"
+#include "cpu/ln_modulate_rows.h"
 #include "cpu/row_parallel.h"
 
 namespace dit_fast {
@@ -83,22 +84,9 @@ DIT_FORCEINLINE void fwd_row_impl(const FwdArgs& a, int64_t row, Scratch& s) {
     sc = scratch + 2 * D;
   }
 
-  A mean, var;
-  lnm::row_mean_var<A>(xr, D, mean, var);
-  const A rstd = lnm::rstd_from_var<A>(var, static_cast<A>(a.eps));
-  static_cast<A*>(a.mean)[row] = mean;
-  static_cast<A*>(a.rstd)[row] = rstd;
-
-  T* yr = static_cast<T*>(a.y) + row * D;
-  if constexpr (std::is_same<T, A>::value) {
-    DIT_OMP_SIMD
-    for (int64_t d = 0; d < D; ++d) yr[d] = lnm::forward_elem<A>(xr[d], mean, rstd, sh[d], sc[d]);
-  } else {
-    A* out = scratch;  // in place over the widened x row (element d is read before it is written)
-    DIT_OMP_SIMD
-    for (int64_t d = 0; d < D; ++d) out[d] = lnm::forward_elem<A>(xr[d], mean, rstd, sh[d], sc[d]);
-    store_row(out, yr, D);
-  }
+  // tmp: in place over the widened x row (element d is read before it is written)
+  lnm_rows::forward<T, A>(xr, sh, sc, D, static_cast<A>(a.eps), static_cast<T*>(a.y) + row * D,
+                          static_cast<A*>(a.mean) + row, static_cast<A*>(a.rstd) + row, scratch);
 }
 
 struct BwdArgs {
@@ -123,7 +111,6 @@ DIT_FORCEINLINE void bwd_chunk_impl(const BwdArgs& a, int64_t n, int64_t t0, int
   const int64_t D = a.D;
   A* scratch = static_cast<A*>(scratch_v);
   const A* sc = widen(static_cast<const T*>(a.scale) + n * a.scale_stride, scratch + 2 * D, D);
-  const A inv_d = D > 0 ? A(1) / static_cast<A>(D) : A(0);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t row = n * a.T + t;
     const A* xr = widen(static_cast<const T*>(a.x) + row * D, scratch, D);
@@ -131,18 +118,8 @@ DIT_FORCEINLINE void bwd_chunk_impl(const BwdArgs& a, int64_t n, int64_t t0, int
     const A mean = static_cast<const A*>(a.mean)[row];
     const A rstd = static_cast<const A*>(a.rstd)[row];
 
-    A sum_g = A(0), sum_gx = A(0);
-    DIT_OMP_SIMD_SUM(sum_g, sum_gx)
-    for (int64_t d = 0; d < D; ++d) {
-      const A xh = lnm::normalize<A>(xr[d], mean, rstd);
-      const A g = lnm::grad_xhat<A>(dyr[d], sc[d]);
-      sum_g += g;
-      sum_gx += g * xh;
-      acc_dshift[d] += dyr[d];
-      acc_dscale[d] += dyr[d] * xh;
-    }
-    const A mean_g = sum_g * inv_d;
-    const A mean_gx = sum_gx * inv_d;
+    A mean_g, mean_gx;
+    lnm_rows::backward_sums<A>(xr, dyr, sc, mean, rstd, D, acc_dshift, acc_dscale, mean_g, mean_gx);
 
     T* dxr = static_cast<T*>(a.dx) + row * D;
     if constexpr (std::is_same<T, A>::value) {
