@@ -789,14 +789,11 @@ class GaussianDiffusion:
         progress: bool = False,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """Like p_sample_loop(), but yield each step's p_sample() output."""
-        img, indices, device = self._loop_setup(model, shape, noise, device, progress)
-        for i in indices:
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.p_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                    cond_fn=cond_fn, model_kwargs=model_kwargs)
-            yield out
-            img = out["sample"]
+        return self._progressive(
+            lambda img, t: self.p_sample(model, img, t, clip_denoised=clip_denoised,
+                                         denoised_fn=denoised_fn, cond_fn=cond_fn,
+                                         model_kwargs=model_kwargs),
+            model, shape, noise, device, progress)
 
     def ddim_sample_loop(
         self,
@@ -834,12 +831,20 @@ class GaussianDiffusion:
         eta: float = 0.0,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """Like ddim_sample_loop(), but yield each step's ddim_sample() output."""
+        return self._progressive(
+            lambda img, t: self.ddim_sample(model, img, t, clip_denoised=clip_denoised,
+                                            denoised_fn=denoised_fn, cond_fn=cond_fn,
+                                            model_kwargs=model_kwargs, eta=eta),
+            model, shape, noise, device, progress)
+
+    def _progressive(self, step, model, shape, noise, device, progress):
+        """The sampling loop: x_T, then `step(img, t)` (a p_sample / ddim_sample output dict) for
+        t = T-1 .. 0, yielding each output."""
         img, indices, device = self._loop_setup(model, shape, noise, device, progress)
         for i in indices:
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             with torch.no_grad():
-                out = self.ddim_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                       cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta)
+                out = step(img, t)
             yield out
             img = out["sample"]
 
