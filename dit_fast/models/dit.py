@@ -506,41 +506,62 @@ class DiT(nn.Module):
         y: (N,) tensor of class labels
         """
         t = self._check_inputs(x, t, y)
+        x, c, T = self._embed(x, t, y)           # (N, T', D) tokens (T' = T + 2 in-context), c
+        mods = self._block_modulations(c)        # [(N, 6D or 4D) per block, (N, 2D) final] or None
+        x, h = self._run_blocks(x, c, mods, 0, len(self.blocks))  # (N, T', D), final norm or None
+        return self._head(x, c, T, mods, h)      # (N, out_channels, H, W)
+
+    # The pieces of forward (StepCache runs them with a cache between the shallow and deep blocks).
+
+    def _embed(self, x, t, y):
+        """Tokens (N, T, D) (+ the t and y tokens in-context), the conditioning c ((N, D); (N, 2, D)
+        for cross-attention; None in-context) and the number of image tokens T."""
         with nvtx.range("dit.embed"):
             # x_embedder(x) + pos_embed as one GEMM + epilogue
             x = patch_embed(x, self.x_embedder.proj.weight, self.x_embedder.proj.bias,
                             self.pos_embed, self.patch_size)  # (N, T, D), where T = H * W / patch_size ** 2
             t = self.t_embedder(t)               # (N, D)
             y = self.y_embedder(y, self.training)  # (N, D)
-        h = None
+        T = x.shape[1]
         if self.block == "in-context":
-            T = x.shape[1]
             x = torch.cat([x, t.unsqueeze(1).to(x.dtype), y.unsqueeze(1).to(x.dtype)], dim=1)  # (N, T + 2, D)
-            for i, block in enumerate(self.blocks):
-                with nvtx.range("dit.block%d", i):
-                    x = block(x)                 # (N, T + 2, D)
-            x = x[:, :T]                         # (N, T, D)
-            c = None
-        elif self.block == "cross-attention":
-            c = torch.stack([t, y], dim=1)       # (N, 2, D)
-            for i, block in enumerate(self.blocks):
-                with nvtx.range("dit.block%d", i):
-                    x = block(x, c)              # (N, T, D)
-        else:  # adaLN-Zero / adaLN
-            c = t + y                            # (N, D)
-            mods = self._adaln_modulations(c)    # [(N, 6D or 4D) per block, (N, 2D) final layer]
-            D = x.shape[-1]
-            for i, block in enumerate(self.blocks):
-                # the LayerNorm-modulate after this block (next block's norm1, or the final layer's)
-                # is fused with the block's last residual update: its shift and scale lead its mod
-                nxt = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else self.final_layer.norm_final
-                shift, scale = mods[i + 1].to(x.dtype)[:, :2 * D].chunk(2, dim=1)  # (N, D) each
-                with nvtx.range("dit.block%d", i):
+            return x, None, T
+        if self.block == "cross-attention":
+            return x, torch.stack([t, y], dim=1), T  # c: (N, 2, D)
+        return x, t + y, T                       # c: (N, D)
+
+    def _block_modulations(self, c):
+        """adaLN blocks: every block's and the final layer's modulation; else None."""
+        return self._adaln_modulations(c) if self.block in ("adaLN-Zero", "adaLN") else None
+
+    def _run_blocks(self, x, c, mods, start, stop):
+        """Blocks [start, stop) -> (x, h). adaLN blocks fuse each block's last residual update with
+        the LayerNorm-modulate that follows it (the next block's norm1; after the last block of the
+        model, the final layer's norm_final: h); at `stop` < depth the range ends on a plain
+        residual (h = None). `mods`: _block_modulations(c)."""
+        h, D, depth = None, x.shape[-1], len(self.blocks)
+        for i in range(start, stop):
+            block = self.blocks[i]
+            with nvtx.range("dit.block%d", i):
+                if mods is None:                 # cross-attention / in-context
+                    x = block(x) if c is None else block(x, c)  # (N, T', D)
+                elif i + 1 < stop or stop == depth:
+                    # the LayerNorm-modulate after this block (next block's norm1, or the final
+                    # layer's) is fused with the block's last residual update: its shift and scale
+                    # lead its mod
+                    nxt = self.blocks[i + 1].norm1 if i + 1 < depth else self.final_layer.norm_final
+                    shift, scale = mods[i + 1].to(x.dtype)[:, :2 * D].chunk(2, dim=1)  # (N, D) each
                     x, h = block(x, c, mod=mods[i], h=h, next_norm=(shift, scale, nxt.eps))  # (N, T, D) x2
+                else:
+                    x, h = block(x, c, mod=mods[i], h=h), None  # (N, T, D)
+        return x, h
+
+    def _head(self, x, c, T, mods, h=None):
+        """Final layer + unpatchify of the first T tokens; h: the fused final norm, if computed."""
         with nvtx.range("dit.final"):
-            x = self.final_layer(x, c, h=h)      # (N, T, patch_size ** 2 * out_channels)
-            x = self.unpatchify(x)               # (N, out_channels, H, W)
-        return x
+            x = x[:, :T]                         # (N, T, D) (drops the in-context t, y tokens)
+            x = self.final_layer(x, c, mod=None if mods is None else mods[-1], h=h)  # (N, T, p*p*C_out)
+            return self.unpatchify(x)            # (N, out_channels, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Union[int, str] = 3):
         """

@@ -108,24 +108,12 @@ class StepCache(nn.Module):
             self.reset()
         self._last_t = t_now
 
-        h = m.x_embedder(x) + m.pos_embed                 # (N, T, D)
-        te = m.t_embedder(t)                              # (N, D)
-        ye = m.y_embedder(y, m.training)                  # (N, D)
-        T = h.shape[1]
-        if m.block == "in-context":
-            h = torch.cat([h, te.unsqueeze(1).to(h.dtype), ye.unsqueeze(1).to(h.dtype)], dim=1)
-            c = None
-        elif m.block == "cross-attention":
-            c = torch.stack([te, ye], dim=1)
-        else:
-            c = te + ye
-
-        def run(blocks, h):
-            for block in blocks:
-                h = block(h) if c is None else block(h, c)
-            return h
-
-        h = run(m.blocks[: self.shallow_blocks], h)
+        # the model's own fused pieces (DiT.forward): embeddings, adaLN modulations of all layers in
+        # one GEMM, blocks with the cross-block LayerNorm fusion inside each range
+        h, c, T = m._embed(x, t, y)                       # (N, T', D)
+        mods = m._block_modulations(c)
+        depth = len(m.blocks)
+        h, _ = m._run_blocks(h, c, mods, 0, self.shallow_blocks)
         reuse = False
         if self._prev_probe is not None and self._residual is not None and self._residual.shape == h.shape:
             prev = self._prev_probe
@@ -135,20 +123,18 @@ class StepCache(nn.Module):
             reuse = self._acc < self.threshold and (self.max_reuse is None or self._run < self.max_reuse)
         self._prev_probe = h
         self.num_calls += 1
+        h_final = None                                    # the fused final norm, when the deep blocks run
         if reuse:
             self.num_reused += 1
             self._run += 1
             h = h + self._residual
         else:
-            h_deep = run(m.blocks[self.shallow_blocks:], h)
+            h_deep, h_final = m._run_blocks(h, c, mods, self.shallow_blocks, depth)
             self._residual = h_deep - h
             self._acc = 0.0
             self._run = 0
             h = h_deep
-        if m.block == "in-context":
-            h = h[:, :T]
-        out = m.final_layer(h, c)
-        return m.unpatchify(out)
+        return m._head(h, c, T, mods, h_final)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Union[int, str] = 3):
         """DiT.forward_with_cfg through the cache (one decision for both halves)."""
