@@ -66,16 +66,16 @@ struct Cpu {
 
 std::tuple<Tensor, Tensor> gelu_bias_bwd_cpu(const Tensor& dout, const Tensor& h,
                                              const Tensor& bias) {
-  binding::check_gelu_bias_bwd(dout, h, bias, /*allow_half=*/false);
-  binding::check_device("dit_fast::gelu_bias_bwd", h, c10::DeviceType::CPU, "h");
+  const char* op = "dit_fast::gelu_bias_bwd";
+  binding::check_gelu_bias_bwd(dout, h, bias, Cpu::kAllowHalf);
+  binding::check_device(op, h, Cpu::kDevice, "h");
   const int64_t F = h.size(-1), M = F > 0 ? h.numel() / F : 0;
   Tensor dh = at::empty(h.sizes(), h.options());
   Tensor dbias = at::empty({F}, h.options());
-  const Status s = cpu::gelu_bias_bwd(binding::to_dtype(h.scalar_type()), dout.const_data_ptr(),
-                                      h.const_data_ptr(), bias.const_data_ptr(),
-                                      dh.mutable_data_ptr(), dbias.mutable_data_ptr(), M, F,
-                                      at::get_num_threads());
-  TORCH_CHECK(s == Status::kOk, "dit_fast::gelu_bias_bwd (cpu): ", status_name(s));
+  Cpu::check(op, cpu::gelu_bias_bwd(binding::to_dtype(h.scalar_type()), dout.const_data_ptr(),
+                                    h.const_data_ptr(), bias.const_data_ptr(),
+                                    dh.mutable_data_ptr(), dbias.mutable_data_ptr(), M, F,
+                                    Cpu::exec(h)));
   return {dh, dbias};
 }
 
@@ -84,7 +84,7 @@ std::tuple<Tensor, Tensor> gelu_bias_bwd_cpu(const Tensor& dout, const Tensor& h
 void check_f32_cpu(const char* op, const char* name, const Tensor& t) {
   TORCH_CHECK(t.scalar_type() == c10::ScalarType::Float, op, ": ", name,
               " must be float32 (the packed GEMM is float32 only), got ", t.scalar_type());
-  binding::check_device(op, t, c10::DeviceType::CPU, name);
+  binding::check_device(op, t, Cpu::kDevice, name);
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
@@ -95,9 +95,8 @@ Tensor linear_pack_cpu(const Tensor& weight) {
   check_f32_cpu(op, "weight", weight);
   const int64_t N = weight.size(0), K = weight.size(1);
   Tensor packed = at::empty({cpu::linear_packed_numel(N, K)}, weight.options());
-  const Status s = cpu::linear_pack(weight.const_data_ptr<float>(), N, K,
-                                    packed.mutable_data_ptr<float>());
-  TORCH_CHECK(s == Status::kOk, op, " (cpu): ", status_name(s));
+  Cpu::check(op, cpu::linear_pack(weight.const_data_ptr<float>(), N, K,
+                                   packed.mutable_data_ptr<float>()));
   return packed;
 }
 
@@ -123,10 +122,10 @@ Tensor linear_packed_cpu(const Tensor& x, const Tensor& packed, const std::optio
   shape.back() = N;
   Tensor out = at::empty(shape, x.options());
   const int64_t M = K > 0 ? x.numel() / K : (N > 0 ? out.numel() / N : 0);
-  const Status s = cpu::linear_packed_fwd(
-      x.const_data_ptr<float>(), K, packed.const_data_ptr<float>(), b, out.mutable_data_ptr<float>(),
-      N, M, N, K, gelu ? cpu::Epilogue::kGelu : cpu::Epilogue::kNone, at::get_num_threads());
-  TORCH_CHECK(s == Status::kOk, op, " (cpu): ", status_name(s));
+  Cpu::check(op, cpu::linear_packed_fwd(x.const_data_ptr<float>(), K, packed.const_data_ptr<float>(),
+                                        b, out.mutable_data_ptr<float>(), N, M, N, K,
+                                        gelu ? cpu::Epilogue::kGelu : cpu::Epilogue::kNone,
+                                        Cpu::exec(x)));
   return out;
 }
 
@@ -149,11 +148,10 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& qkv, int64_t num_head
   const int64_t Dh = D / H;
   Tensor out = at::empty({N, T, D}, qkv.options());
   Tensor lse = at::empty({N, H, T}, qkv.options().dtype(binding::stats_dtype(qkv.scalar_type())));
-  const Status s = cpu::attention_fwd(
-      binding::to_dtype(qkv.scalar_type()), qkv.const_data_ptr(), N > 1 ? qkv.stride(0) : 0,
-      T > 1 ? qkv.stride(1) : 0, out.mutable_data_ptr(), lse.mutable_data_ptr(), N, T, H, Dh,
-      1.0 / std::sqrt(static_cast<double>(Dh)), at::get_num_threads());
-  TORCH_CHECK(s == Status::kOk, op, " (cpu): ", status_name(s));
+  Cpu::check(op, cpu::attention_fwd(binding::to_dtype(qkv.scalar_type()), qkv.const_data_ptr(),
+                                    N > 1 ? qkv.stride(0) : 0, T > 1 ? qkv.stride(1) : 0,
+                                    out.mutable_data_ptr(), lse.mutable_data_ptr(), N, T, H, Dh,
+                                    1.0 / std::sqrt(static_cast<double>(Dh)), Cpu::exec(qkv)));
   return {out, lse};
 }
 

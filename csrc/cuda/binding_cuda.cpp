@@ -24,17 +24,15 @@ namespace {
 
 using at::Tensor;
 
-cudaStream_t stream_of(const Tensor& t) {
-  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
-}
-
 // The device policy of binding_ops.h for the CUDA kernels: launches on the tensor's device and
 // torch's current stream there.
 struct Cuda {
   static constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
   static constexpr bool kAllowHalf = true;
   static c10::cuda::CUDAGuard guard(const Tensor& t) { return c10::cuda::CUDAGuard(t.device()); }
-  static cudaStream_t exec(const Tensor& t) { return stream_of(t); }
+  static cudaStream_t exec(const Tensor& t) {
+    return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+  }
   static void check(const char* op, cudaError_t err) {
     TORCH_CHECK(err == cudaSuccess, op, " (cuda): ", cudaGetErrorString(err));
   }
@@ -44,9 +42,10 @@ struct Cuda {
 
 std::tuple<Tensor, Tensor> gelu_bias_bwd_cuda(const Tensor& dout, const Tensor& h,
                                               const Tensor& bias) {
-  binding::check_gelu_bias_bwd(dout, h, bias, /*allow_half=*/true);
-  binding::check_device("dit_fast::gelu_bias_bwd", h, c10::DeviceType::CUDA, "h");
-  const c10::cuda::CUDAGuard guard(h.device());
+  const char* op = "dit_fast::gelu_bias_bwd";
+  binding::check_gelu_bias_bwd(dout, h, bias, Cuda::kAllowHalf);
+  binding::check_device(op, h, Cuda::kDevice, "h");
+  const auto guard = Cuda::guard(h);
   const int64_t F = h.size(-1), M = F > 0 ? h.numel() / F : 0;
   Tensor dh = at::empty(h.sizes(), h.options());
   Tensor dbias = at::empty({F}, h.options());
@@ -54,11 +53,11 @@ std::tuple<Tensor, Tensor> gelu_bias_bwd_cuda(const Tensor& dout, const Tensor& 
   // float64 elements: 8-byte aligned, as the launcher requires
   Tensor ws = at::empty({static_cast<int64_t>((ws_bytes + 7) / 8)},
                         h.options().dtype(c10::ScalarType::Double));
-  const cudaError_t err = cuda::gelu_bias_bwd(
-      binding::to_dtype(h.scalar_type()), dout.const_data_ptr(), h.const_data_ptr(),
-      bias.const_data_ptr(), dh.mutable_data_ptr(), dbias.mutable_data_ptr(),
-      ws_bytes > 0 ? ws.mutable_data_ptr() : nullptr, M, F, stream_of(h));
-  TORCH_CHECK(err == cudaSuccess, "dit_fast::gelu_bias_bwd (cuda): ", cudaGetErrorString(err));
+  Cuda::check(op, cuda::gelu_bias_bwd(binding::to_dtype(h.scalar_type()), dout.const_data_ptr(),
+                                      h.const_data_ptr(), bias.const_data_ptr(),
+                                      dh.mutable_data_ptr(), dbias.mutable_data_ptr(),
+                                      ws_bytes > 0 ? ws.mutable_data_ptr() : nullptr, M, F,
+                                      Cuda::exec(h)));
   return {dh, dbias};
 }
 
