@@ -487,17 +487,6 @@ class DiT(nn.Module):
         """
         return unpatchify_tokens(x, self.x_embedder.patch_size[0], self.out_channels)
 
-    def _adaln_modulations(self, c):
-        """[adaLN_modulation(c) of each block, then of the final layer]: one GEMM for all of them
-        (AdaLNPack), except under the reference backend (eager), which runs the official per-layer
-        Linear(SiLU(c)) so that the model stays bit-identical to the official one."""
-        pack = getattr(self, "_adaln", None)  # (None too for a model pickled before it existed)
-        if pack is None or (not torch.compiler.is_compiling()
-                            and _backends.requested_backend() == "reference"):
-            layers = [b.adaLN_modulation for b in self.blocks] + [self.final_layer.adaLN_modulation]
-            return [layer(c) for layer in layers]
-        return pack(c)
-
     def forward(self, x, t, y):
         """
         Forward pass of DiT.
@@ -531,8 +520,18 @@ class DiT(nn.Module):
         return x, t + y, T                       # c: (N, D)
 
     def _block_modulations(self, c):
-        """adaLN blocks: every block's and the final layer's modulation; else None."""
-        return self._adaln_modulations(c) if self.block in ("adaLN-Zero", "adaLN") else None
+        """adaLN blocks: [adaLN_modulation(c) of each block, then of the final layer], as one GEMM
+        for all of them (AdaLNPack), except under the reference backend (eager), which runs the
+        official per-layer Linear(SiLU(c)) so that the model stays bit-identical to the official
+        one. Other blocks: None."""
+        if self.block not in ("adaLN-Zero", "adaLN"):
+            return None
+        pack = getattr(self, "_adaln", None)  # (None too for a model pickled before it existed)
+        if pack is None or (not torch.compiler.is_compiling()
+                            and _backends.requested_backend() == "reference"):
+            layers = [b.adaLN_modulation for b in self.blocks] + [self.final_layer.adaLN_modulation]
+            return [layer(c) for layer in layers]
+        return pack(c)
 
     def _run_blocks(self, x, c, mods, start, stop):
         """Blocks [start, stop) -> (x, h). adaLN blocks fuse each block's last residual update with

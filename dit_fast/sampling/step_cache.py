@@ -112,7 +112,6 @@ class StepCache(nn.Module):
         # one GEMM, blocks with the cross-block LayerNorm fusion inside each range
         h, c, T = m._embed(x, t, y)                       # (N, T', D)
         mods = m._block_modulations(c)
-        depth = len(m.blocks)
         h, _ = m._run_blocks(h, c, mods, 0, self.shallow_blocks)
         reuse = False
         if self._prev_probe is not None and self._residual is not None and self._residual.shape == h.shape:
@@ -129,7 +128,7 @@ class StepCache(nn.Module):
             self._run += 1
             h = h + self._residual
         else:
-            h_deep, h_final = m._run_blocks(h, c, mods, self.shallow_blocks, depth)
+            h_deep, h_final = m._run_blocks(h, c, mods, self.shallow_blocks, len(m.blocks))
             self._residual = h_deep - h
             self._acc = 0.0
             self._run = 0
