@@ -494,15 +494,18 @@ class DiT(nn.Module):
         t: (N,) tensor of diffusion timesteps
         y: (N,) tensor of class labels
         """
-        t = self._check_inputs(x, t, y)
-        x, c, T = self._embed(x, t, y)           # (N, T', D) tokens (T' = T + 2 in-context), c
-        mods = self._block_modulations(c)        # [(N, 6D or 4D) per block, (N, 2D) final] or None
-        x, h = self._run_blocks(x, c, mods, 0, len(self.blocks))  # (N, T', D), final norm or None
-        return self._head(x, c, T, mods, h)      # (N, out_channels, H, W)
+        t = self.check_inputs(x, t, y)
+        x, c, T = self.embed(x, t, y)           # (N, T', D) tokens (T' = T + 2 in-context), c
+        mods = self.block_modulations(c)        # [(N, 6D or 4D) per block, (N, 2D) final] or None
+        x, h = self.run_blocks(x, c, mods, 0, len(self.blocks))  # (N, T', D), final norm or None
+        return self.head(x, c, T, mods, h)      # (N, out_channels, H, W)
 
-    # The pieces of forward (StepCache runs them with a cache between the shallow and deep blocks).
+    # The pieces of forward, a public API: feature caches (dit_fast.sampling.StepCache and the
+    # forecasting cache) run them with a cache between block ranges. forward() is exactly
+    #   t = check_inputs(x, t, y); x, c, T = embed(x, t, y); mods = block_modulations(c)
+    #   x, h = run_blocks(x, c, mods, 0, depth); return head(x, c, T, mods, h)
 
-    def _embed(self, x, t, y):
+    def embed(self, x, t, y):
         """Tokens (N, T, D) (+ the t and y tokens in-context), the conditioning c ((N, D); (N, 2, D)
         for cross-attention; None in-context) and the number of image tokens T."""
         with nvtx.range("dit.embed"):
@@ -519,7 +522,7 @@ class DiT(nn.Module):
             return x, torch.stack([t, y], dim=1), T  # c: (N, 2, D)
         return x, t + y, T                       # c: (N, D)
 
-    def _block_modulations(self, c):
+    def block_modulations(self, c):
         """adaLN blocks: [adaLN_modulation(c) of each block, then of the final layer], as one GEMM
         for all of them (AdaLNPack), except under the reference backend (eager), which runs the
         official per-layer Linear(SiLU(c)) so that the model stays bit-identical to the official
@@ -533,11 +536,11 @@ class DiT(nn.Module):
             return [layer(c) for layer in layers]
         return pack(c)
 
-    def _run_blocks(self, x, c, mods, start, stop):
+    def run_blocks(self, x, c, mods, start, stop):
         """Blocks [start, stop) -> (x, h). adaLN blocks fuse each block's last residual update with
         the LayerNorm-modulate that follows it (the next block's norm1; after the last block of the
         model, the final layer's norm_final: h); at `stop` < depth the range ends on a plain
-        residual (h = None). `mods`: _block_modulations(c)."""
+        residual (h = None). `mods`: block_modulations(c)."""
         h, D, depth = None, x.shape[-1], len(self.blocks)
         for i in range(start, stop):
             block = self.blocks[i]
@@ -555,7 +558,7 @@ class DiT(nn.Module):
                     x, h = block(x, c, mod=mods[i], h=h), None  # (N, T, D)
         return x, h
 
-    def _head(self, x, c, T, mods, h=None):
+    def head(self, x, c, T, mods, h=None):
         """Final layer + unpatchify of the first T tokens; h: the fused final norm, if computed."""
         with nvtx.range("dit.final"):
             x = x[:, :T]                         # (N, T, D) (drops the in-context t, y tokens)
@@ -589,7 +592,7 @@ class DiT(nn.Module):
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
 
-    def _check_inputs(self, x, t, y):
+    def check_inputs(self, x, t, y):
         """Validate forward() inputs; returns t as a (N,) tensor (a scalar t is broadcast)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got "

@@ -101,7 +101,7 @@ class StepCache(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         m = self.model
-        t = m._check_inputs(x, t, y)
+        t = m.check_inputs(x, t, y)
         t_now = float(t.float().max())
         if self._last_t is not None and (t_now >= self._last_t or self._prev_probe is None
                                          or self._prev_probe.shape[0] != x.shape[0]):
@@ -110,9 +110,9 @@ class StepCache(nn.Module):
 
         # the model's own fused pieces (DiT.forward): embeddings, adaLN modulations of all layers in
         # one GEMM, blocks with the cross-block LayerNorm fusion inside each range
-        h, c, T = m._embed(x, t, y)                       # (N, T', D)
-        mods = m._block_modulations(c)
-        h, _ = m._run_blocks(h, c, mods, 0, self.shallow_blocks)
+        h, c, T = m.embed(x, t, y)                       # (N, T', D)
+        mods = m.block_modulations(c)
+        h, _ = m.run_blocks(h, c, mods, 0, self.shallow_blocks)
         reuse = False
         if self._prev_probe is not None and self._residual is not None and self._residual.shape == h.shape:
             prev = self._prev_probe
@@ -128,12 +128,12 @@ class StepCache(nn.Module):
             self._run += 1
             h = h + self._residual
         else:
-            h_deep, h_final = m._run_blocks(h, c, mods, self.shallow_blocks, len(m.blocks))
+            h_deep, h_final = m.run_blocks(h, c, mods, self.shallow_blocks, len(m.blocks))
             self._residual = h_deep - h
             self._acc = 0.0
             self._run = 0
             h = h_deep
-        return m._head(h, c, T, mods, h_final)
+        return m.head(h, c, T, mods, h_final)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Union[int, str] = 3):
         """DiT.forward_with_cfg through the cache (one decision for both halves)."""
