@@ -1,7 +1,7 @@
 """dit_fast.ops.gated_residual: gated_residual_ln_modulate and gated_residual, every available
 backend against the PyTorch reference.
 
-Ground truth is the reference evaluated in float64 on the same input values (tests/tolerances.py).
+Ground truth is the reference evaluated in float64 on the same input values (dit_fast/tolerances.py).
 For reduced-precision storage the op's LayerNorm sees x_new as stored (rounded), so h is compared
 with the float64 reference LayerNorm-modulate of the returned x_new (and x_new with the exact
 x + gate * y). The Triton backend runs under Triton's interpreter on CPU tensors when there is no
@@ -19,7 +19,7 @@ from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import (gated_residual, gated_residual_ln_modulate,
                           gated_residual_ln_modulate_ref, gated_residual_ref, ln_modulate_ref)
-from tolerances import assert_close
+from dit_fast.tolerances import assert_close
 
 G = importlib.import_module("dit_fast.ops.gated_residual")
 OP, OP_PLAIN = G.OP_NAME, G.OP_NAME_PLAIN

@@ -1,7 +1,7 @@
 """dit_fast.ops.gelu: gelu_bias and linear_gelu, every available backend against the PyTorch
 reference (``F.gelu(h + bias, approximate="tanh")``, i.e. nn.GELU(approximate="tanh")).
 
-Ground truth is the reference evaluated in float64 on the same input values (tests/tolerances.py).
+Ground truth is the reference evaluated in float64 on the same input values (dit_fast/tolerances.py).
 The Triton backend runs under Triton's interpreter on CPU tensors when there is no GPU
 (TRITON_INTERPRET=1, set by conftest.py). Backends that cannot run here are skipped with the
 registry's reason.
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import gelu_bias, gelu_bias_ref, linear_gelu, linear_gelu_ref
-from tolerances import assert_close
+from dit_fast.tolerances import assert_close
 
 GE = importlib.import_module("dit_fast.ops.gelu")
 OP = GE.OP_NAME

@@ -1,7 +1,7 @@
 """dit_fast.ops.ln_modulate: every available backend against the PyTorch reference.
 
 Ground truth is `ln_modulate_ref` evaluated in float64 on the same input values (see
-tests/tolerances.py). Backends that cannot run here are skipped with the registry's reason.
+dit_fast/tolerances.py). Backends that cannot run here are skipped with the registry's reason.
 """
 
 import importlib
@@ -13,7 +13,7 @@ import torch
 from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import ln_modulate, ln_modulate_ref
-from tolerances import assert_close
+from dit_fast.tolerances import assert_close
 
 L = importlib.import_module("dit_fast.ops.ln_modulate")  # the module (the package re-exports the function)
 OP = L.OP_NAME

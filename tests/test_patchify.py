@@ -2,7 +2,7 @@
 available backend against the PyTorch reference.
 
 Ground truth: the reference (conv2d / the official einsum) evaluated in float64 on the same input
-values (see tests/tolerances.py). Triton runs under its interpreter on CPU tensors when there is
+values (see dit_fast/tolerances.py). Triton runs under its interpreter on CPU tensors when there is
 no GPU (tiny shapes: the interpreter is slow).
 """
 
@@ -15,7 +15,7 @@ from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import patch_embed, patch_embed_ref, unpatchify, unpatchify_ref
 from embed_helpers import BACKEND_DEVICES, BD_IDS, HAS_C, interpreted, require
-from tolerances import assert_close
+from dit_fast.tolerances import assert_close, tol
 
 P = importlib.import_module("dit_fast.ops.patchify")
 OP, OP_U = P.OP_PATCH_EMBED, P.OP_UNPATCHIFY
@@ -108,7 +108,7 @@ def test_backward_matches_reference_autograd(backend, device, dtype, shape):
         # dweight / dbias are sums over N*T tokens: scale the tolerance with the sum's size
         scale = 1.0 if name == "dx" else max(1.0, (shape[0] * (shape[2] // p) * (shape[3] // p)) ** 0.5 / 4)
         torch.testing.assert_close(got.grad.double(), want.grad, **{
-            k: v * scale for k, v in __import__("tolerances").tol(dtype, "grad").items()},
+            k: v * scale for k, v in tol(dtype, "grad").items()},
             msg=lambda m: f"{name}: {m}")
 
 
@@ -164,7 +164,7 @@ def test_cpu_float64_and_isa_paths():
                 rdx, rdw, rdb = P._bwd_reference(dyt.double(), *[a.double() for a in args[:2]], 2,
                                                  True, True, True)
                 for a, r in ((dx, rdx), (dw, rdw), (db, rdb)):
-                    torch.testing.assert_close(a.double(), r, **__import__("tolerances").tol(dt, "grad"),
+                    torch.testing.assert_close(a.double(), r, **tol(dt, "grad"),
                                                msg=lambda m: f"{isa} {dt}: {m}")
     finally:
         _C.set_cpu_isa(prev)

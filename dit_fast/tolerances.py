@@ -1,4 +1,5 @@
-"""Per-dtype tolerances for comparing a backend's result with the float64 ground truth.
+"""Per-dtype tolerances for comparing a backend's result with the float64 ground truth (used by the
+tests, the selftest and the validation of kernels on first use).
 
 Ground truth = the pure-PyTorch reference evaluated in float64 on the *same* (already rounded)
 input values, so the tolerance only has to cover the kernel's own error: for reduced-precision
