@@ -1,13 +1,15 @@
 // The torch-side bodies of the element-wise ops, written once for csrc/binding.cpp (CPU) and
-// csrc/cuda/binding_cuda.cpp (CUDA): argument checks, output allocation, the kernel call and its
-// error check. Each body is a template over
-//   Dev      the device policy: kDevice (c10::DeviceType), kAllowHalf (float16 accepted),
-//            guard(t) (an RAII device guard or a no-op), exec(t) (the kernel's last argument: the
-//            CPU thread count, or the CUDA stream) and check(op, result) (Status / cudaError_t)
+// csrc/cuda/binding_cuda.cpp (CUDA): tensor checks, output allocation, the kernel call and its
+// status check. Each body is a template over
+//   Dev      the device policy (binding_cpu.h: Cpu, cuda/binding_cuda.h: Cuda): kDevice,
+//            kAllowHalf (float16 accepted), guard(t) (an RAII device guard or a no-op), exec(t)
+//            (the kernel's last argument: the CPU thread count, or the CUDA stream) and
+//            check(op, result, why...) (Status / cudaError_t)
 //   kKernel  the torch-free launcher (cpu::... or cuda::...; the same arguments before exec)
 // so that `m.impl("ln_modulate_fwd", &binding::ln_modulate_fwd<Cpu, &cpu::ln_modulate_fwd>)`
-// registers it. Ops whose launchers differ (the CUDA gelu_bias_bwd takes a workspace) keep their
-// own bodies in the binding files.
+// registers it. The embedding / sampler ops follow the same pattern (binding_embed_ops.h). Ops
+// whose launchers differ (the CUDA gelu_bias_bwd takes a workspace) keep their own bodies in the
+// binding files, built from the same policy.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -27,7 +29,7 @@ template <class Dev, auto kKernel>
 std::tuple<Tensor, Tensor, Tensor> ln_modulate_fwd(const Tensor& x, const Tensor& shift,
                                                    const Tensor& scale, double eps) {
   const char* op = "dit_fast::ln_modulate_fwd";
-  check_ln_modulate_fwd(x, shift, scale, eps, Dev::kAllowHalf);
+  check_ln_modulate_fwd(x, shift, scale, Dev::kAllowHalf);
   check_device(op, x, Dev::kDevice);
   const auto guard = Dev::guard(x);
   const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
@@ -38,7 +40,8 @@ std::tuple<Tensor, Tensor, Tensor> ln_modulate_fwd(const Tensor& x, const Tensor
   Dev::check(op, kKernel(to_dtype(x.scalar_type()), x.const_data_ptr(), shift.const_data_ptr(),
                          row_stride(shift, D), scale.const_data_ptr(), row_stride(scale, D),
                          y.mutable_data_ptr(), mean.mutable_data_ptr(), rstd.mutable_data_ptr(),
-                         N, T, D, eps, Dev::exec(x)));
+                         N, T, D, eps, Dev::exec(x)),
+             "eps must be >= 0, got ", eps);
   return {y, mean, rstd};
 }
 
@@ -66,7 +69,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_fwd(
     const Tensor& x, const Tensor& y, const Tensor& gate, const Tensor& shift, const Tensor& scale,
     double eps) {
   const char* op = "dit_fast::gated_residual_ln_modulate_fwd";
-  check_gated_residual_ln_modulate_fwd(x, y, gate, shift, scale, eps, Dev::kAllowHalf);
+  check_gated_residual_ln_modulate_fwd(x, y, gate, shift, scale, Dev::kAllowHalf);
   check_device(op, x, Dev::kDevice);
   const auto guard = Dev::guard(x);
   const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
@@ -79,7 +82,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_fwd(
                          gate.const_data_ptr(), row_stride(gate, D), shift.const_data_ptr(),
                          row_stride(shift, D), scale.const_data_ptr(), row_stride(scale, D),
                          x_new.mutable_data_ptr(), h.mutable_data_ptr(), mean.mutable_data_ptr(),
-                         rstd.mutable_data_ptr(), N, T, D, eps, Dev::exec(x)));
+                         rstd.mutable_data_ptr(), N, T, D, eps, Dev::exec(x)),
+             "eps must be >= 0, got ", eps);
   return {x_new, h, mean, rstd};
 }
 
