@@ -31,7 +31,7 @@ at::Tensor patch_embed_fwd(const at::Tensor& x, const at::Tensor& weight,
   const char* op = "dit_fast::patch_embed_fwd";
   const embed::PatchGeo g = embed::check_patch_embed_fwd(x, weight, bias, pos, p, Dev::kAllowHalf);
   check_device(op, x, Dev::kDevice);
-  const auto guard = Dev::guard(x);
+  [[maybe_unused]] const auto guard = Dev::guard(x);
   at::Tensor out = at::empty({g.N, g.T, g.D}, x.options());
   Dev::check(op, kKernel(to_dtype(x.scalar_type()), x.const_data_ptr(), weight.const_data_ptr(),
                          embed::opt_ptr(bias), embed::opt_ptr(pos), out.mutable_data_ptr(), g.N,
@@ -45,7 +45,7 @@ at::Tensor unpatchify_fwd(const at::Tensor& y, int64_t p, int64_t out_channels, 
   const char* op = "dit_fast::unpatchify_fwd";
   embed::check_unpatchify_fwd(y, p, out_channels, grid_h, grid_w);
   check_device(op, y, Dev::kDevice, "y");
-  const auto guard = Dev::guard(y);
+  [[maybe_unused]] const auto guard = Dev::guard(y);
   const int64_t N = y.size(0);
   at::Tensor img = at::empty({N, out_channels, grid_h * p, grid_w * p}, y.options());
   Dev::check(op, kKernel(static_cast<int>(y.element_size()), y.const_data_ptr(),
@@ -59,7 +59,7 @@ at::Tensor unpatchify_bwd(const at::Tensor& dimg, int64_t p) {
   const char* op = "dit_fast::unpatchify_bwd";
   embed::check_unpatchify_bwd(dimg, p);
   check_device(op, dimg, Dev::kDevice, "dimg");
-  const auto guard = Dev::guard(dimg);
+  [[maybe_unused]] const auto guard = Dev::guard(dimg);
   const int64_t N = dimg.size(0), C = dimg.size(1), Hg = dimg.size(2) / p, Wg = dimg.size(3) / p;
   at::Tensor dy = at::empty({N, Hg * Wg, p * p * C}, dimg.options());
   Dev::check(op, kKernel(static_cast<int>(dimg.element_size()), dimg.const_data_ptr(),
@@ -73,7 +73,7 @@ at::Tensor timestep_embedding_fwd(const at::Tensor& t, const at::Tensor& freqs, 
   const char* op = "dit_fast::timestep_embedding_fwd";
   embed::check_timestep_embedding(t, freqs, dim, dtype, Dev::kAllowHalf);
   check_device(op, t, Dev::kDevice, "t");
-  const auto guard = Dev::guard(t);
+  [[maybe_unused]] const auto guard = Dev::guard(t);
   const int64_t N = t.size(0);
   at::Tensor out = at::empty({N, dim}, t.options().dtype(dtype));
   Dev::check(op, kKernel(static_cast<FirstParam<kKernel>>(embed::index_dtype(t.scalar_type())),
@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_fwd(const at::Tensor& model_out,
   const embed::SamplerGeo g = embed::check_sampler_step(model_out, x, noise, coefs, mode, guided,
                                                         guide_channels, Dev::kAllowHalf);
   check_device(op, x, Dev::kDevice);
-  const auto guard = Dev::guard(x);
+  [[maybe_unused]] const auto guard = Dev::guard(x);
   const auto out_opts = x.options().dtype(coefs.scalar_type());
   at::Tensor sample = at::empty(x.sizes(), out_opts);
   at::Tensor pred = at::empty(x.sizes(), out_opts);

@@ -31,7 +31,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_modulate_fwd(const Tensor& x, const Tensor
   const char* op = "dit_fast::ln_modulate_fwd";
   check_ln_modulate_fwd(x, shift, scale, Dev::kAllowHalf);
   check_device(op, x, Dev::kDevice);
-  const auto guard = Dev::guard(x);
+  [[maybe_unused]] const auto guard = Dev::guard(x);
   const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
   Tensor y = at::empty({N, T, D}, x.options());
   const auto st_opts = x.options().dtype(stats_dtype(x.scalar_type()));
@@ -52,7 +52,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_modulate_bwd(const Tensor& dy, const Tenso
   const char* op = "dit_fast::ln_modulate_bwd";
   check_ln_modulate_bwd(dy, x, scale, mean, rstd, Dev::kAllowHalf);
   check_device(op, x, Dev::kDevice);
-  const auto guard = Dev::guard(x);
+  [[maybe_unused]] const auto guard = Dev::guard(x);
   const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
   Tensor dx = at::empty({N, T, D}, x.options());
   Tensor dshift = at::empty({N, D}, x.options());
@@ -71,7 +71,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_fwd(
   const char* op = "dit_fast::gated_residual_ln_modulate_fwd";
   check_gated_residual_ln_modulate_fwd(x, y, gate, shift, scale, Dev::kAllowHalf);
   check_device(op, x, Dev::kDevice);
-  const auto guard = Dev::guard(x);
+  [[maybe_unused]] const auto guard = Dev::guard(x);
   const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
   Tensor x_new = at::empty({N, T, D}, x.options());
   Tensor h = at::empty({N, T, D}, x.options());
@@ -95,7 +95,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_bw
   check_gated_residual_ln_modulate_bwd(dx_new, dh, x_new, y, gate, scale, mean, rstd,
                                        Dev::kAllowHalf);
   check_device(op, x_new, Dev::kDevice, "x_new");
-  const auto guard = Dev::guard(x_new);
+  [[maybe_unused]] const auto guard = Dev::guard(x_new);
   const int64_t N = x_new.size(0), T = x_new.size(1), D = x_new.size(2);
   const auto opts = x_new.options();
   Tensor dx = at::empty({N, T, D}, opts), dy = at::empty({N, T, D}, opts);
@@ -117,7 +117,7 @@ Tensor gated_residual_fwd(const Tensor& x, const Tensor& y, const Tensor& gate) 
   const char* op = "dit_fast::gated_residual_fwd";
   check_gated_residual_fwd(x, y, gate, Dev::kAllowHalf);
   check_device(op, x, Dev::kDevice);
-  const auto guard = Dev::guard(x);
+  [[maybe_unused]] const auto guard = Dev::guard(x);
   const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
   Tensor out = at::empty({N, T, D}, x.options());
   Dev::check(op, kKernel(to_dtype(x.scalar_type()), x.const_data_ptr(), y.const_data_ptr(),
@@ -132,7 +132,7 @@ std::tuple<Tensor, Tensor> gated_residual_bwd(const Tensor& dout, const Tensor& 
   const char* op = "dit_fast::gated_residual_bwd";
   check_gated_residual_bwd(dout, y, gate, Dev::kAllowHalf);
   check_device(op, dout, Dev::kDevice, "dout");
-  const auto guard = Dev::guard(dout);
+  [[maybe_unused]] const auto guard = Dev::guard(dout);
   const int64_t N = dout.size(0), T = dout.size(1), D = dout.size(2);
   Tensor dy = at::empty({N, T, D}, dout.options());
   Tensor dgate = at::empty({N, D}, dout.options());
@@ -147,7 +147,7 @@ template <class Dev, auto kKernel>
 void gelu_bias_into(const char* op, const Tensor& h, const Tensor& bias, const Tensor& out) {
   check_gelu_bias(op, h, bias, Dev::kAllowHalf);
   check_device(op, h, Dev::kDevice, "h");
-  const auto guard = Dev::guard(h);
+  [[maybe_unused]] const auto guard = Dev::guard(h);
   const int64_t F = h.size(-1), M = F > 0 ? h.numel() / F : 0;
   Dev::check(op, kKernel(to_dtype(h.scalar_type()), h.const_data_ptr(), bias.const_data_ptr(),
                          out.mutable_data_ptr(), M, F, Dev::exec(h)));
