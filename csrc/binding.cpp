@@ -26,7 +26,6 @@
 
 #include <Python.h>
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -36,6 +35,7 @@
 #include <tuple>
 #include <vector>
 
+#include "binding_cpu.h"
 #include "binding_ops.h"
 #include "binding_utils.h"
 #include "cpu/attention.h"
@@ -50,17 +50,7 @@ namespace {
 
 using at::Tensor;
 
-// The device policy of binding_ops.h for the CPU kernels.
-struct Cpu {
-  static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
-  static constexpr bool kAllowHalf = false;
-  struct NoGuard {};
-  static NoGuard guard(const Tensor&) { return {}; }
-  static int exec(const Tensor&) { return at::get_num_threads(); }
-  static void check(const char* op, Status s) {
-    TORCH_CHECK(s == Status::kOk, op, " (cpu): ", status_name(s));
-  }
-};
+using binding::Cpu;
 
 // ---- bias + GELU backward (the element-wise forwards are binding_ops.h's) -----------------------
 
@@ -181,7 +171,7 @@ TORCH_LIBRARY(dit_fast, m) {
 }
 
 TORCH_LIBRARY_IMPL(dit_fast, CPU, m) {
-  using dit_fast::Cpu;
+  using dit_fast::binding::Cpu;
   namespace b = dit_fast::binding;
   namespace k = dit_fast::cpu;
   m.impl("ln_modulate_fwd", &b::ln_modulate_fwd<Cpu, &k::ln_modulate_fwd>);

@@ -4,7 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
-#include <c10/util/Optional.h>
+#include <optional>
 
 #include "binding_utils.h"
 #include "common/sampler_step.h"
@@ -13,7 +13,7 @@ namespace dit_fast {
 namespace binding {
 namespace embed {
 
-inline const void* opt_ptr(const c10::optional<at::Tensor>& t) {
+inline const void* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr;
 }
 
@@ -57,8 +57,8 @@ inline PatchGeo patch_geo(const char* op, const at::Tensor& x, const at::Tensor&
 }
 
 inline PatchGeo check_patch_embed_fwd(const at::Tensor& x, const at::Tensor& weight,
-                                      const c10::optional<at::Tensor>& bias,
-                                      const c10::optional<at::Tensor>& pos, int64_t p,
+                                      const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& pos, int64_t p,
                                       bool allow_half) {
   const char* op = "dit_fast::patch_embed_fwd";
   const PatchGeo g = patch_geo(op, x, weight, p, allow_half);
@@ -138,7 +138,7 @@ struct SamplerGeo {
 };
 
 inline SamplerGeo check_sampler_step(const at::Tensor& model_out, const at::Tensor& x,
-                                     const c10::optional<at::Tensor>& noise,
+                                     const std::optional<at::Tensor>& noise,
                                      const at::Tensor& coefs, int64_t mode, bool guided,
                                      int64_t guide_channels, bool allow_half) {
   const char* op = "dit_fast::sampler_step_fwd";

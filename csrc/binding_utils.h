@@ -1,5 +1,7 @@
-// Torch-side helpers shared by csrc/binding.cpp (CPU) and csrc/cuda/binding_cuda.cpp (CUDA):
-// argument checks that name the offending argument, and dtype mapping.
+// Torch-side helpers shared by every binding file (csrc/binding*.cpp, csrc/cuda/binding*.cpp):
+// tensor checks that name the offending argument, dtype mapping, and the kernel-status check.
+// The torch-free kernels validate their scalar arguments (sizes, strides, eps) themselves and
+// return a status; the checks here cover what they cannot see (dtype, device, shape, layout).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -25,6 +27,19 @@ inline DType to_dtype(c10::ScalarType st) {
 // float32 statistics for reduced-precision storage, float64 for float64.
 inline c10::ScalarType stats_dtype(c10::ScalarType st) {
   return st == c10::ScalarType::Double ? c10::ScalarType::Double : c10::ScalarType::Float;
+}
+
+// Fails with "<op> (<device>): <status>", plus ": <why...>" when the kernel reported an invalid
+// argument (what that means for the call, e.g. "eps must be >= 0, got -1").
+template <class... Why>
+inline void check_status(const char* op, c10::DeviceType dev, bool ok, bool invalid_argument,
+                         const char* status, const Why&... why) {
+  if (ok) return;
+  if constexpr (sizeof...(Why) > 0) {
+    TORCH_CHECK(!invalid_argument, op, " (", c10::DeviceTypeName(dev, /*lower_case=*/true),
+                "): ", status, ": ", why...);
+  }
+  TORCH_CHECK(false, op, " (", c10::DeviceTypeName(dev, /*lower_case=*/true), "): ", status);
 }
 
 // `name` (default "x") is the tensor whose dtype decides the kernel.
@@ -85,9 +100,9 @@ inline void check_stats(const char* op, const char* name, const at::Tensor& t, c
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-// All checks for ln_modulate_fwd(x, shift, scale, eps).
+// Tensor checks for ln_modulate_fwd(x, shift, scale, eps) (eps: the kernel's to check).
 inline void check_ln_modulate_fwd(const at::Tensor& x, const at::Tensor& shift,
-                                  const at::Tensor& scale, double eps, bool allow_half) {
+                                  const at::Tensor& scale, bool allow_half) {
   const char* op = "dit_fast::ln_modulate_fwd";
   TORCH_CHECK(x.dim() == 3, op, ": x must be a 3-D (N, T, D) tensor, got shape ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
@@ -96,10 +111,9 @@ inline void check_ln_modulate_fwd(const at::Tensor& x, const at::Tensor& shift,
   check_same(op, "scale", scale, x);
   check_nd_rows(op, "shift", shift, x.size(0), x.size(2));
   check_nd_rows(op, "scale", scale, x.size(0), x.size(2));
-  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
 }
 
-// All checks for ln_modulate_bwd(dy, x, scale, mean, rstd).
+// Checks for ln_modulate_bwd(dy, x, scale, mean, rstd).
 inline void check_ln_modulate_bwd(const at::Tensor& dy, const at::Tensor& x,
                                   const at::Tensor& scale, const at::Tensor& mean,
                                   const at::Tensor& rstd, bool allow_half) {
@@ -136,18 +150,16 @@ inline void check_nd_param(const char* op, const char* name, const at::Tensor& t
   check_nd_rows(op, name, t, x.size(0), x.size(2));
 }
 
-// gated_residual_ln_modulate_fwd(x, y, gate, shift, scale, eps)
+// gated_residual_ln_modulate_fwd(x, y, gate, shift, scale, eps) (eps: the kernel's to check)
 inline void check_gated_residual_ln_modulate_fwd(const at::Tensor& x, const at::Tensor& y,
                                                  const at::Tensor& gate, const at::Tensor& shift,
-                                                 const at::Tensor& scale, double eps,
-                                                 bool allow_half) {
+                                                 const at::Tensor& scale, bool allow_half) {
   const char* op = "dit_fast::gated_residual_ln_modulate_fwd";
   check_ntd_input(op, x, allow_half);
   check_ntd_like(op, "y", y, x);
   check_nd_param(op, "gate", gate, x);
   check_nd_param(op, "shift", shift, x);
   check_nd_param(op, "scale", scale, x);
-  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
 }
 
 // gated_residual_ln_modulate_bwd(dx_new?, dh, x_new, y, gate, scale, mean, rstd); x_new plays x.

@@ -1,6 +1,7 @@
 // CPU implementation of the fused LayerNorm + adaLN modulation (see ln_modulate.h).
 //
-// Parallelism: OpenMP over rows (forward) or over (n, token-chunk) work items (backward).
+// Parallelism: OpenMP over rows (forward) or over (n, token-chunk) work items (backward,
+// rowpar::token_chunk_reduce).
 // Vectorization: inner loops over D are `omp simd` loops on fp32/fp64 rows; bf16 rows are first
 // widened into a per-thread fp32 scratch row. Every row routine is instantiated for the generic
 // ISA and (on x86) for AVX2+FMA, selected at run time (cpu/isa.h).
@@ -208,61 +209,18 @@ void fwd_driver(const FwdArgs& a, int64_t N, int num_threads) {
   (void)nt;
 }
 
-// Token chunking for the backward's (n, chunk) work items. Depends only on the shape: aim for
-// >= 64 work items in total, but keep at least 8 tokens per chunk.
-int64_t bwd_chunks_per_batch(int64_t N, int64_t T) {
-  if (T <= 0) return 1;
-  const int64_t want = (64 + N - 1) / std::max<int64_t>(N, 1);
-  const int64_t max_chunks = std::max<int64_t>((T + 7) / 8, 1);
-  return std::max<int64_t>(1, std::min(want, max_chunks));
-}
-
+// dx per row; dshift / dscale as per-chunk partial sums over tokens, reduced in a fixed order
+// (rowpar::token_chunk_reduce).
 template <typename T>
 void bwd_driver(const BwdArgs& a, int64_t N, T* dshift, T* dscale, int num_threads) {
   using A = acc_t<T>;
-  const int64_t D = a.D, Tn = a.T;
-  const int64_t C = bwd_chunks_per_batch(N, Tn);
-  const int64_t chunk = Tn > 0 ? (Tn + C - 1) / C : 0;
-  const int64_t items = N * C;
-  // partial[(n * C + c) * 2D + {0, D} + d] = per-chunk sums for dshift / dscale.
-  std::unique_ptr<A[]> partial(new A[std::max<int64_t>(items * 2 * D, 1)]);
+  const int64_t D = a.D;
   const BwdChunkFn<T> fn = pick_bwd<T>();
-  const int nt = resolve_threads(num_threads, items, N * Tn * D);
-  const int64_t scratch_elems = std::max<int64_t>(3 * D, 1);
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-  {
-    std::unique_ptr<A[]> scratch(new A[scratch_elems]);
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t n = it / C, c = it % C;
-      A* ds = partial.get() + it * 2 * D;
-      A* dc = ds + D;
-      std::fill(ds, ds + 2 * D, A(0));
-      const int64_t t0 = std::min(c * chunk, Tn), t1 = std::min(t0 + chunk, Tn);
-      fn(a, n, t0, t1, ds, dc, scratch.get());
-    }
-    // Fixed-order reduction over chunks, parallel over batch entries.
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t n = 0; n < N; ++n) {
-      A* acc = scratch.get();  // 2 * D <= 3 * D
-      const A* p0 = partial.get() + n * C * 2 * D;
-      std::copy(p0, p0 + 2 * D, acc);
-      for (int64_t c = 1; c < C; ++c) {
-        const A* p = p0 + c * 2 * D;
-        DIT_OMP_SIMD
-        for (int64_t d = 0; d < 2 * D; ++d) acc[d] += p[d];
-      }
-      store_row(acc, dshift + n * D, D);
-      store_row(acc + D, dscale + n * D, D);
-    }
-  }
-  (void)nt;
+  T* const outs[2] = {dshift, dscale};
+  rowpar::token_chunk_reduce<A>(
+      N, a.T, D, 2, 3 * D, num_threads,
+      [&](int64_t n, int64_t t0, int64_t t1, A* acc, A* s) { fn(a, n, t0, t1, acc, acc + D, s); },
+      [&](int64_t n, int k, const A* sums) { store_row(sums, outs[k] + n * D, D); });
 }
 
 bool valid_sizes(int64_t N, int64_t T, int64_t D, int64_t s1, int64_t s2) {

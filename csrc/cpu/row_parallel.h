@@ -1,6 +1,7 @@
-// Helpers shared by the row-parallel CPU kernels (gated_residual.cpp, gelu.cpp): thread-count
-// choice, accumulator types, row widening, and a deterministic "sum over token chunks" driver.
-// Header-only, internal to csrc/cpu.
+// Helpers shared by the CPU kernels: thread-count choice, accumulator types, row widening, and a
+// deterministic "sum over token chunks" driver. Used by ln_modulate.cpp (also through
+// ln_modulate_rows.h), gated_residual.cpp, gelu.cpp, attention.cpp, gemm.cpp and, through
+// embed_common.h, the embedding / sampler kernels. Header-only, internal to csrc/cpu.
 #pragma once
 
 #include <algorithm>

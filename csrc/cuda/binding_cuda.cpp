@@ -6,14 +6,13 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
 #include "binding_ops.h"
+#include "cuda/binding_cuda.h"
 #include "binding_utils.h"
 #include "cuda/gated_residual_cuda.h"
 #include "cuda/gelu_cuda.h"
@@ -24,19 +23,7 @@ namespace {
 
 using at::Tensor;
 
-// The device policy of binding_ops.h for the CUDA kernels: launches on the tensor's device and
-// torch's current stream there.
-struct Cuda {
-  static constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
-  static constexpr bool kAllowHalf = true;
-  static c10::cuda::CUDAGuard guard(const Tensor& t) { return c10::cuda::CUDAGuard(t.device()); }
-  static cudaStream_t exec(const Tensor& t) {
-    return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
-  }
-  static void check(const char* op, cudaError_t err) {
-    TORCH_CHECK(err == cudaSuccess, op, " (cuda): ", cudaGetErrorString(err));
-  }
-};
+using binding::Cuda;
 
 // ---- bias + GELU backward (a workspace for dbias; the forwards are binding_ops.h's) ------------
 
@@ -65,7 +52,7 @@ std::tuple<Tensor, Tensor> gelu_bias_bwd_cuda(const Tensor& dout, const Tensor& 
 }  // namespace dit_fast
 
 TORCH_LIBRARY_IMPL(dit_fast, CUDA, m) {
-  using dit_fast::Cuda;
+  using dit_fast::binding::Cuda;
   namespace b = dit_fast::binding;
   namespace k = dit_fast::cuda;
   m.impl("ln_modulate_fwd", &b::ln_modulate_fwd<Cuda, &k::ln_modulate_fwd>);

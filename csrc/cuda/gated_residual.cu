@@ -2,14 +2,18 @@
 // Torch-free: raw pointers + stream. Row math shared with the CPU kernels through
 // csrc/common/gated_residual.h and csrc/common/ln_modulate.h.
 //
+// Rows move in 16-byte vectors when D, the pointers and the row strides allow it, else element by
+// element; no kernel divides an index per element.
 // Fused forward : one block per (n, t) row: x_new = x + gate * y is written and (rounded to the
-//                 storage type) cached in shared memory when the row fits, then the corrected
-//                 two-pass mean / variance and h. One read of x and y, one write of x_new and h.
-// Fused backward: kernel 1, one block per row: dr = dx_new + LN-modulate backward (two block
-//                 reductions), dx = dr, dy = gate * dr. Kernel 2, one block per (32 columns, n):
-//                 dgate = sum_T dx * y, dshift = sum_T dh, dscale = sum_T dh * xhat.
-// Plain         : element-wise out = x + gate * y; backward dy = gate * dout element-wise and
-//                 dgate = sum_T dout * y per (32 columns, n) block.
+//                 storage type) held in registers (rows beyond 1024 * kRowSlots vectors are
+//                 re-read), then the corrected two-pass mean / variance (two block reductions)
+//                 and h. One read of x and y, one write of x_new and h.
+// Fused backward: kernel 1, one block per row: dr = dx_new + LN-modulate backward (one block
+//                 reduction), dx = dr, dy = gate * dr. Kernel 2, one block per (32 column
+//                 vectors, n): dgate = sum_T dx * y, dshift = sum_T dh, dscale = sum_T dh * xhat.
+// Plain         : out = x + gate * y, thread (x, y, z) = (column vector, tokens, n), gate loaded
+//                 once per thread. Backward, one kernel per (32 column vectors, n): dy = gate *
+//                 dout and dgate = sum_T dout * y from one read of dout and y.
 // All reductions use a fixed order, so results are deterministic run to run.
 //
 // Compiles alone with:
@@ -27,6 +31,7 @@
 #include "common/ln_modulate.h"
 #include "cuda/elem_common.cuh"
 #include "cuda/gated_residual_cuda.h"
+#include "cuda/ln_modulate_rows.cuh"
 
 namespace dit_fast {
 namespace cuda {
@@ -36,12 +41,10 @@ namespace lnm = ::dit_fast::ln_modulate;
 namespace gr = ::dit_fast::gated_residual;
 using elem::Io;
 
-extern __shared__ __align__(16) unsigned char dit_gr_smem[];
-
 // ---- fused forward ----------------------------------------------------------------------------
 
-template <typename T, bool kCacheRow>
-__global__ void gr_ln_modulate_fwd_kernel(const T* __restrict__ x, const T* __restrict__ y,
+template <typename T, int V, bool kCached>
+__global__ void gr_ln_modulate_fwd_kernel(const T* x, const T* __restrict__ y,
                                           const T* __restrict__ gate, int64_t gate_rs,
                                           const T* __restrict__ shift, int64_t shift_rs,
                                           const T* __restrict__ scale, int64_t scale_rs,
@@ -49,59 +52,50 @@ __global__ void gr_ln_modulate_fwd_kernel(const T* __restrict__ x, const T* __re
                                           typename Io<T>::A* __restrict__ mean_out,
                                           typename Io<T>::A* __restrict__ rstd_out, int64_t rows,
                                           int64_t Tn, int64_t D, typename Io<T>::A eps) {
-  // x_new may alias x (in-place update): every element is read before it is written, by the
-  // same thread, so x and x_new are not __restrict__.
+  // x_new may alias x (in-place update): every vector is read before it is written, by the same
+  // thread, so x and x_new are not __restrict__.
   using A = typename Io<T>::A;
-  __shared__ A red[64];
-  A* cache = reinterpret_cast<A*>(dit_gr_smem);
-  const A inv_d = D > 0 ? A(1) / static_cast<A>(D) : A(0);
+  __shared__ A red_a[32], red_b[64];
+  const int64_t vecs = D / V;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t n = r / Tn;
     const T* xr = x + r * D;
     const T* yr = y + r * D;
     const T* gt = gate + n * gate_rs;
     T* xo = x_new + r * D;
-    // pass 1: x_new (as stored), its sum
+    // x_new (as stored) and its sum
+    ln_rows::Row<A, V, kCached> row;
     A s = A(0);
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      const A v = Io<T>::round(
-          gr::residual<A>(Io<T>::load(xr + d), Io<T>::load(gt + d), Io<T>::load(yr + d)));
-      Io<T>::store(xo + d, v);
-      if (kCacheRow) cache[d] = v;
-      s += v;
-    }
-    const A m = elem::block_sum(s, red) * inv_d;
-    // pass 2: corrected two-pass statistics (common/ln_modulate.h); without the cache, x_new is
-    // re-read from global memory (this thread wrote it).
-    A sum_c = A(0), sum_c2 = A(0);
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      const A c = (kCacheRow ? cache[d] : Io<T>::load(xo + d)) - m;
-      sum_c += c;
-      sum_c2 += c * c;
-    }
-    elem::block_sum2(sum_c, sum_c2, red);
-    A mean = A(0), var = A(0);
-    if (D > 0) lnm::finish_mean_var<A>(m, sum_c, sum_c2, D, mean, var);
-    const A rstd = lnm::rstd_from_var<A>(var, eps);
+    elem::for_row_vecs<kCached>(vecs, [&](int k, int64_t j) {
+      A xv[V], yv[V], gv[V];
+      elem::load_vec<T, V>(xr + j * V, xv);
+      elem::load_vec<T, V>(yr + j * V, yv);
+      elem::load_vec<T, V>(gt + j * V, gv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) xv[i] = gr::residual<A>(xv[i], gv[i], yv[i]);
+      elem::store_vec<T, V, true>(xo + j * V, xv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        s += xv[i];
+        if (kCached) row.v[k][i] = xv[i];
+      }
+    });
+    // without the cache, x_new is re-read from global memory (this thread wrote it)
+    A mean, rstd;
+    ln_rows::stats<T, V, kCached>(row, xo, s, vecs, D, eps, red_a, red_b, mean, rstd);
     if (threadIdx.x == 0) {
       mean_out[r] = mean;
       rstd_out[r] = rstd;
     }
-    // pass 3: h
-    const T* sh = shift + n * shift_rs;
-    const T* sc = scale + n * scale_rs;
-    T* hr = h + r * D;
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      const A v = kCacheRow ? cache[d] : Io<T>::load(xo + d);
-      Io<T>::store(hr + d,
-                   lnm::forward_elem<A>(v, mean, rstd, Io<T>::load(sh + d), Io<T>::load(sc + d)));
-    }
+    ln_rows::modulate<T, V, kCached>(row, xo, shift + n * shift_rs, scale + n * scale_rs,
+                                     h + r * D, vecs, mean, rstd);
+    if (r + gridDim.x < rows) __syncthreads();  // red_a / red_b are reused by the next row
   }
 }
 
 // ---- fused backward ---------------------------------------------------------------------------
 
-template <typename T>
+template <typename T, int V, bool kCached>
 __global__ void gr_ln_modulate_bwd_dx_kernel(const T* __restrict__ dx_new, const T* __restrict__ dh,
                                              const T* __restrict__ x_new, const T* __restrict__ gate,
                                              int64_t gate_rs, const T* __restrict__ scale,
@@ -112,7 +106,7 @@ __global__ void gr_ln_modulate_bwd_dx_kernel(const T* __restrict__ dx_new, const
                                              int64_t Tn, int64_t D) {
   using A = typename Io<T>::A;
   __shared__ A red[64];
-  const A inv_d = A(1) / static_cast<A>(D);
+  const int64_t vecs = D / V;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t n = r / Tn;
     const T* xr = x_new + r * D;
@@ -120,125 +114,110 @@ __global__ void gr_ln_modulate_bwd_dx_kernel(const T* __restrict__ dx_new, const
     const T* sc = scale + n * scale_rs;
     const T* gt = gate + n * gate_rs;
     const A m = mean[r], rs = rstd[r];
-    A sg = A(0), sgx = A(0);
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      const A xh = lnm::normalize<A>(Io<T>::load(xr + d), m, rs);
-      const A g = lnm::grad_xhat<A>(Io<T>::load(dhr + d), Io<T>::load(sc + d));
-      sg += g;
-      sgx += g * xh;
-    }
-    elem::block_sum2(sg, sgx, red);
-    const A mean_g = sg * inv_d, mean_gx = sgx * inv_d;
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      const A xh = lnm::normalize<A>(Io<T>::load(xr + d), m, rs);
-      const A g = lnm::grad_xhat<A>(Io<T>::load(dhr + d), Io<T>::load(sc + d));
-      const A dxn = dx_new != nullptr ? Io<T>::load(dx_new + r * D + d) : A(0);
-      const A dr = gr::grad_residual<A>(dxn, g, xh, rs, mean_g, mean_gx);
-      Io<T>::store(dx + r * D + d, dr);
-      Io<T>::store(dy + r * D + d, gr::grad_y<A>(Io<T>::load(gt + d), dr));
-    }
-  }
-}
-
-// grid: (ceil(D / 32), N); block: (32, 8). dgate from dx as stored.
-template <typename T>
-__global__ void gr_ln_modulate_bwd_dparams_kernel(const T* __restrict__ dh,
-                                                  const T* __restrict__ x_new,
-                                                  const T* __restrict__ y, const T* __restrict__ dx,
-                                                  const typename Io<T>::A* __restrict__ mean,
-                                                  const typename Io<T>::A* __restrict__ rstd,
-                                                  T* __restrict__ dgate, T* __restrict__ dshift,
-                                                  T* __restrict__ dscale, int64_t Tn, int64_t D) {
-  using A = typename Io<T>::A;
-  __shared__ A s_gate[elem::kRowLanes][elem::kColTile + 1];
-  __shared__ A s_shift[elem::kRowLanes][elem::kColTile + 1];
-  __shared__ A s_scale[elem::kRowLanes][elem::kColTile + 1];
-  const int64_t n = blockIdx.y;
-  const int64_t d = static_cast<int64_t>(blockIdx.x) * elem::kColTile + threadIdx.x;
-  A acc_g = A(0), acc_s = A(0), acc_c = A(0);
-  if (d < D) {
-    for (int64_t t = threadIdx.y; t < Tn; t += elem::kRowLanes) {
-      const int64_t row = n * Tn + t, i = row * D + d;
-      const A g = Io<T>::load(dh + i);
-      const A xh = lnm::normalize<A>(Io<T>::load(x_new + i), mean[row], rstd[row]);
-      acc_g += Io<T>::load(dx + i) * Io<T>::load(y + i);
-      acc_s += g;
-      acc_c += g * xh;
-    }
-  }
-  s_gate[threadIdx.y][threadIdx.x] = acc_g;
-  s_shift[threadIdx.y][threadIdx.x] = acc_s;
-  s_scale[threadIdx.y][threadIdx.x] = acc_c;
-  __syncthreads();
-  if (threadIdx.y == 0 && d < D) {
-    A tg = A(0), ts = A(0), tc = A(0);
+    ln_rows::Row<A, V, kCached> xh_row, g_row;
+    A mean_g, mean_gx;
+    ln_rows::bwd_sums<T, V, kCached>(xr, dhr, sc, m, rs, vecs, D, xh_row, g_row, red, mean_g,
+                                     mean_gx);
+    elem::for_row_vecs<kCached>(vecs, [&](int k, int64_t j) {
+      A xh[V], g[V], dr[V], gv[V];
+      ln_rows::bwd_elems<T, V, kCached>(xr, dhr, sc, m, rs, xh_row, g_row, k, j, xh, g);
+      if (dx_new != nullptr) {
+        elem::load_vec<T, V>(dx_new + r * D + j * V, dr);
+      } else {
 #pragma unroll
-    for (int i = 0; i < elem::kRowLanes; ++i) {
-      tg += s_gate[i][threadIdx.x];
-      ts += s_shift[i][threadIdx.x];
-      tc += s_scale[i][threadIdx.x];
-    }
-    Io<T>::store(dgate + n * D + d, tg);
-    Io<T>::store(dshift + n * D + d, ts);
-    Io<T>::store(dscale + n * D + d, tc);
+        for (int i = 0; i < V; ++i) dr[i] = A(0);
+      }
+      elem::load_vec<T, V>(gt + j * V, gv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) dr[i] = gr::grad_residual<A>(dr[i], g[i], xh[i], rs, mean_g, mean_gx);
+      elem::store_vec<T, V>(dx + r * D + j * V, dr);
+#pragma unroll
+      for (int i = 0; i < V; ++i) dr[i] = gr::grad_y<A>(gv[i], dr[i]);
+      elem::store_vec<T, V>(dy + r * D + j * V, dr);
+    });
+    if (r + gridDim.x < rows) __syncthreads();
   }
 }
 
 // ---- plain --------------------------------------------------------------------------------------
 
-template <typename T>
+// grid: (tiles_x, token tiles, N); block: (column vectors, tokens). out may alias x.
+template <typename T, int V>
 __global__ void gr_fwd_kernel(const T* x, const T* __restrict__ y, const T* __restrict__ gate,
-                              int64_t gate_rs, T* out, int64_t total, int64_t TD, int64_t D) {
+                              int64_t gate_rs, T* out, int64_t Tn, int64_t D) {
   using A = typename Io<T>::A;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = i / TD, d = i % D;
-    Io<T>::store(out + i, gr::residual<A>(Io<T>::load(x + i), Io<T>::load(gate + n * gate_rs + d),
-                                          Io<T>::load(y + i)));
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (c >= D) return;
+  const int64_t n = blockIdx.z;
+  A g[V];
+  elem::load_vec<T, V>(gate + n * gate_rs + c, g);
+  const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  for (int64_t t = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; t < Tn; t += step) {
+    const int64_t i = (n * Tn + t) * D + c;
+    A xv[V], yv[V];
+    elem::load_vec<T, V>(x + i, xv);
+    elem::load_vec<T, V>(y + i, yv);
+#pragma unroll
+    for (int k = 0; k < V; ++k) xv[k] = gr::residual<A>(xv[k], g[k], yv[k]);
+    elem::store_vec<T, V>(out + i, xv);
   }
 }
 
-template <typename T>
-__global__ void gr_bwd_dy_kernel(const T* __restrict__ dout, const T* __restrict__ gate,
-                                 int64_t gate_rs, T* __restrict__ dy, int64_t total, int64_t TD,
-                                 int64_t D) {
+// dy = gate * dout and dgate = sum_T dout * y. grid: (ceil(D / V / 32), N); block: (32, 8).
+template <typename T, int V>
+__global__ void gr_bwd_kernel(const T* __restrict__ dout, const T* __restrict__ y,
+                              const T* __restrict__ gate, int64_t gate_rs, T* __restrict__ dy,
+                              T* __restrict__ dgate, int64_t Tn, int64_t D) {
   using A = typename Io<T>::A;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = i / TD, d = i % D;
-    Io<T>::store(dy + i, gr::grad_y<A>(Io<T>::load(gate + n * gate_rs + d), Io<T>::load(dout + i)));
-  }
-}
-
-// grid: (ceil(D / 32), N); block: (32, 8).
-template <typename T>
-__global__ void gr_bwd_dgate_kernel(const T* __restrict__ dout, const T* __restrict__ y,
-                                    T* __restrict__ dgate, int64_t Tn, int64_t D) {
-  using A = typename Io<T>::A;
-  __shared__ A s_acc[elem::kRowLanes][elem::kColTile + 1];
+  __shared__ A s_acc[elem::kRowLanes][V][elem::kColTile + 1];
   const int64_t n = blockIdx.y;
-  const int64_t d = static_cast<int64_t>(blockIdx.x) * elem::kColTile + threadIdx.x;
-  A acc = A(0);
-  if (d < D) {
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * elem::kColTile + threadIdx.x) * V;
+  A acc[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) acc[k] = A(0);
+  if (c < D) {
+    A g[V];
+    elem::load_vec<T, V>(gate + n * gate_rs + c, g);
     for (int64_t t = threadIdx.y; t < Tn; t += elem::kRowLanes) {
-      const int64_t i = (n * Tn + t) * D + d;
-      acc += Io<T>::load(dout + i) * Io<T>::load(y + i);
+      const int64_t i = (n * Tn + t) * D + c;
+      A go[V], yv[V];
+      elem::load_vec<T, V>(dout + i, go);
+      elem::load_vec<T, V>(y + i, yv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        acc[k] += go[k] * yv[k];
+        go[k] = gr::grad_y<A>(g[k], go[k]);
+      }
+      elem::store_vec<T, V>(dy + i, go);
     }
   }
-  s_acc[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && d < D) {
-    A tot = A(0);
 #pragma unroll
-    for (int i = 0; i < elem::kRowLanes; ++i) tot += s_acc[i][threadIdx.x];
-    Io<T>::store(dgate + n * D + d, tot);
+  for (int k = 0; k < V; ++k) s_acc[threadIdx.y][k][threadIdx.x] = acc[k];
+  __syncthreads();
+  if (threadIdx.y == 0 && c < D) {
+    A tot[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      tot[k] = A(0);
+#pragma unroll
+      for (int l = 0; l < elem::kRowLanes; ++l) tot[k] += s_acc[l][k][threadIdx.x];
+    }
+    elem::store_vec<T, V>(dgate + n * D + c, tot);
   }
 }
 
 // ---- launchers ----------------------------------------------------------------------------------
 
-constexpr int64_t kMaxCachedRowBytes = 32 * 1024;  // stays under the 48 KiB default dyn. smem
-constexpr int kEltThreads = 256;
+// Calls f(V, kCached, threads) for a row kernel over rows of D elements.
+template <typename T, typename F>
+cudaError_t with_row_config(int64_t D, bool vec, F&& f) {
+  return elem::with_vec<T>(vec, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    const int threads = elem::row_threads(D / V);
+    if (elem::row_fits(D / V, threads)) return f(v, std::true_type{}, threads);
+    return f(v, std::false_type{}, threads);
+  });
+}
 
 template <typename T>
 cudaError_t launch_fused_fwd(const void* x, const void* y, const void* gate, int64_t grs,
@@ -247,24 +226,17 @@ cudaError_t launch_fused_fwd(const void* x, const void* y, const void* gate, int
                              int64_t D, double eps, cudaStream_t stream) {
   using A = typename Io<T>::A;
   const int64_t rows = N * Tn;
-  const int threads = elem::row_threads(D);
-  const unsigned grid = elem::grid_for(rows);
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(A));
-  const T* xp = static_cast<const T*>(x);
-  const T* yp = static_cast<const T*>(y);
-  const T* gp = static_cast<const T*>(gate);
-  const T* sp = static_cast<const T*>(shift);
-  const T* cp = static_cast<const T*>(scale);
-  if (row_bytes <= kMaxCachedRowBytes) {
-    gr_ln_modulate_fwd_kernel<T, true><<<grid, threads, static_cast<size_t>(row_bytes), stream>>>(
-        xp, yp, gp, grs, sp, srs, cp, crs, static_cast<T*>(x_new), static_cast<T*>(h),
-        static_cast<A*>(mean), static_cast<A*>(rstd), rows, Tn, D, static_cast<A>(eps));
-  } else {
-    gr_ln_modulate_fwd_kernel<T, false><<<grid, threads, 0, stream>>>(
-        xp, yp, gp, grs, sp, srs, cp, crs, static_cast<T*>(x_new), static_cast<T*>(h),
-        static_cast<A*>(mean), static_cast<A*>(rstd), rows, Tn, D, static_cast<A>(eps));
-  }
-  return cudaGetLastError();
+  const bool vec = elem::vec16_ok<T>(D, {x, y, gate, shift, scale, x_new, h}, {grs, srs, crs});
+  return with_row_config<T>(D, vec, [&](auto v, auto cached, int threads) {
+    constexpr int V = decltype(v)::value;
+    gr_ln_modulate_fwd_kernel<T, V, decltype(cached)::value>
+        <<<elem::grid_for(rows), threads, 0, stream>>>(
+            static_cast<const T*>(x), static_cast<const T*>(y), static_cast<const T*>(gate), grs,
+            static_cast<const T*>(shift), srs, static_cast<const T*>(scale), crs,
+            static_cast<T*>(x_new), static_cast<T*>(h), static_cast<A*>(mean),
+            static_cast<A*>(rstd), rows, Tn, D, static_cast<A>(eps));
+    return cudaGetLastError();
+  });
 }
 
 template <typename T>
@@ -275,56 +247,63 @@ cudaError_t launch_fused_bwd(const void* dx_new, const void* dh, const void* x_n
                              cudaStream_t stream) {
   using A = typename Io<T>::A;
   const int64_t rows = N * Tn;
+  const bool vec = elem::vec16_ok<T>(
+      D, {dx_new, dh, x_new, y, gate, scale, dx, dy, dgate, dshift, dscale}, {grs, crs});
   if (rows > 0) {
-    gr_ln_modulate_bwd_dx_kernel<T><<<elem::grid_for(rows), elem::row_threads(D), 0, stream>>>(
-        static_cast<const T*>(dx_new), static_cast<const T*>(dh), static_cast<const T*>(x_new),
-        static_cast<const T*>(gate), grs, static_cast<const T*>(scale), crs,
-        static_cast<const A*>(mean), static_cast<const A*>(rstd), static_cast<T*>(dx),
-        static_cast<T*>(dy), rows, Tn, D);
-    const cudaError_t e = cudaGetLastError();
+    const cudaError_t e = with_row_config<T>(D, vec, [&](auto v, auto cached, int threads) {
+      constexpr int V = decltype(v)::value;
+      gr_ln_modulate_bwd_dx_kernel<T, V, decltype(cached)::value>
+          <<<elem::grid_for(rows), threads, 0, stream>>>(
+              static_cast<const T*>(dx_new), static_cast<const T*>(dh),
+              static_cast<const T*>(x_new), static_cast<const T*>(gate), grs,
+              static_cast<const T*>(scale), crs, static_cast<const A*>(mean),
+              static_cast<const A*>(rstd), static_cast<T*>(dx), static_cast<T*>(dy), rows, Tn, D);
+      return cudaGetLastError();
+    });
     if (e != cudaSuccess) return e;
   }
-  const dim3 grid(static_cast<unsigned>((D + elem::kColTile - 1) / elem::kColTile),
-                  static_cast<unsigned>(N));
-  gr_ln_modulate_bwd_dparams_kernel<T><<<grid, dim3(elem::kColTile, elem::kRowLanes), 0, stream>>>(
-      static_cast<const T*>(dh), static_cast<const T*>(x_new), static_cast<const T*>(y),
-      static_cast<const T*>(dx), static_cast<const A*>(mean), static_cast<const A*>(rstd),
-      static_cast<T*>(dgate), static_cast<T*>(dshift), static_cast<T*>(dscale), Tn, D);
-  return cudaGetLastError();
+  return elem::with_vec<T>(vec, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    const dim3 grid(static_cast<unsigned>((D / V + elem::kColTile - 1) / elem::kColTile),
+                    static_cast<unsigned>(N));
+    ln_rows::dparams_kernel<T, V, true><<<grid, dim3(elem::kColTile, elem::kRowLanes), 0, stream>>>(
+        static_cast<const T*>(dh), static_cast<const T*>(x_new), static_cast<const A*>(mean),
+        static_cast<const A*>(rstd), static_cast<const T*>(dx), static_cast<const T*>(y),
+        static_cast<T*>(dgate), static_cast<T*>(dshift), static_cast<T*>(dscale), Tn, D);
+    return cudaGetLastError();
+  });
 }
 
 template <typename T>
 cudaError_t launch_plain_fwd(const void* x, const void* y, const void* gate, int64_t grs, void* out,
                              int64_t N, int64_t Tn, int64_t D, cudaStream_t stream) {
-  const int64_t total = N * Tn * D;
-  gr_fwd_kernel<T><<<elem::grid_for((total + kEltThreads - 1) / kEltThreads), kEltThreads, 0,
-                     stream>>>(static_cast<const T*>(x), static_cast<const T*>(y),
-                               static_cast<const T*>(gate), grs, static_cast<T*>(out), total,
-                               Tn * D, D);
-  return cudaGetLastError();
+  return elem::with_vec<T>(elem::vec16_ok<T>(D, {x, y, gate, out}, {grs}), [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    const elem::ElemGeometry g = elem::elem_geometry(Tn, D / V, N);
+    gr_fwd_kernel<T, V><<<dim3(g.tiles_x, g.row_tiles, static_cast<unsigned>(N)), g.block, 0,
+                          stream>>>(static_cast<const T*>(x), static_cast<const T*>(y),
+                                    static_cast<const T*>(gate), grs, static_cast<T*>(out), Tn, D);
+    return cudaGetLastError();
+  });
 }
 
 template <typename T>
 cudaError_t launch_plain_bwd(const void* dout, const void* y, const void* gate, int64_t grs,
                              void* dy, void* dgate, int64_t N, int64_t Tn, int64_t D,
                              cudaStream_t stream) {
-  const int64_t total = N * Tn * D;
-  if (total > 0) {
-    gr_bwd_dy_kernel<T><<<elem::grid_for((total + kEltThreads - 1) / kEltThreads), kEltThreads, 0,
-                          stream>>>(static_cast<const T*>(dout), static_cast<const T*>(gate), grs,
-                                    static_cast<T*>(dy), total, Tn * D, D);
-    const cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-  }
-  const dim3 grid(static_cast<unsigned>((D + elem::kColTile - 1) / elem::kColTile),
-                  static_cast<unsigned>(N));
-  gr_bwd_dgate_kernel<T><<<grid, dim3(elem::kColTile, elem::kRowLanes), 0, stream>>>(
-      static_cast<const T*>(dout), static_cast<const T*>(y), static_cast<T*>(dgate), Tn, D);
-  return cudaGetLastError();
+  return elem::with_vec<T>(elem::vec16_ok<T>(D, {dout, y, gate, dy, dgate}, {grs}), [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    const dim3 grid(static_cast<unsigned>((D / V + elem::kColTile - 1) / elem::kColTile),
+                    static_cast<unsigned>(N));
+    gr_bwd_kernel<T, V><<<grid, dim3(elem::kColTile, elem::kRowLanes), 0, stream>>>(
+        static_cast<const T*>(dout), static_cast<const T*>(y), static_cast<const T*>(gate), grs,
+        static_cast<T*>(dy), static_cast<T*>(dgate), Tn, D);
+    return cudaGetLastError();
+  });
 }
 
 bool bad_sizes(int64_t N, int64_t T, int64_t D, int64_t s1, int64_t s2, int64_t s3) {
-  return N < 0 || T < 0 || D < 0 || s1 < 0 || s2 < 0 || s3 < 0 || N > 65535;  // N: grid.y
+  return N < 0 || T < 0 || D < 0 || s1 < 0 || s2 < 0 || s3 < 0 || N > 65535;  // N: grid.y / z
 }
 
 // Calls f(T{}) with the device storage type of `dtype`.

@@ -6,9 +6,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <random>
 #include <vector>
 
@@ -16,54 +16,11 @@
 #include "cpu/ln_modulate.h"
 #include "cuda/ln_modulate_cuda.h"
 #include "tests/check.h"
+#include "tests/cuda_test_util.cuh"
 
 using namespace dit_fast;
-
-#define CUDA_OK(expr)                                                                   \
-  do {                                                                                  \
-    cudaError_t e_ = (expr);                                                            \
-    if (e_ != cudaSuccess) {                                                            \
-      std::printf("%s:%d: %s -> %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
-
-template <typename T>
-struct Dev {
-  T* p = nullptr;
-  size_t n = 0;
-  explicit Dev(size_t count) : n(count) { CUDA_OK(cudaMalloc(&p, sizeof(T) * (n ? n : 1))); }
-  ~Dev() { cudaFree(p); }
-  void put(const std::vector<T>& h) { CUDA_OK(cudaMemcpy(p, h.data(), sizeof(T) * n, cudaMemcpyHostToDevice)); }
-  std::vector<T> get() const {
-    std::vector<T> h(n);
-    CUDA_OK(cudaMemcpy(h.data(), p, sizeof(T) * n, cudaMemcpyDeviceToHost));
-    return h;
-  }
-};
-
-// Storage type S on host (bit-compatible with the device type), as seen in fp32/fp64.
-double to_d(float v) { return v; }
-double to_d(double v) { return v; }
-double to_d(bf16 v) { return to_float(v); }
-double to_d(__half v) { return __half2float(v); }
-
-template <typename S>
-double max_rel(const std::vector<S>& got, const std::vector<double>& want) {
-  double err = 0, mag = 1e-30;
-  for (size_t i = 0; i < want.size(); ++i) {
-    err = std::fmax(err, std::fabs(to_d(got[i]) - want[i]));
-    mag = std::fmax(mag, std::fabs(want[i]));
-  }
-  return want.empty() ? 0 : err / mag;
-}
-
-template <typename S>
-std::vector<double> widen(const std::vector<S>& v) {
-  std::vector<double> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = to_d(v[i]);
-  return out;
-}
+using cuda_test::Dev;
+using cuda_test::max_rel;
 
 // S: host storage type; C: the CPU kernel's storage type used as reference (same as S except for
 // fp16, where C = float); A: stats type.
@@ -102,9 +59,8 @@ void run_case(DType dt, DType cpu_dt, int64_t N, int64_t T, int64_t D, int64_t s
   CUDA_OK(cuda::ln_modulate_bwd(dt, gdy.p, gx.p, gmod.p + D, srs, gm.p, gr.p, gdx.p, gds.p, gdc.p,
                                 N, T, D, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
-  const double e[] = {max_rel(gy.get(), widen(ry)), max_rel(gm.get(), widen(rm)),
-                      max_rel(gr.get(), widen(rr)), max_rel(gdx.get(), widen(rdx)),
-                      max_rel(gds.get(), widen(rds)), max_rel(gdc.get(), widen(rdc))};
+  const double e[] = {max_rel(gy.get(), ry),   max_rel(gm.get(), rm),   max_rel(gr.get(), rr),
+                      max_rel(gdx.get(), rdx), max_rel(gds.get(), rds), max_rel(gdc.get(), rdc)};
   const char* what[] = {"y", "mean", "rstd", "dx", "dshift", "dscale"};
   for (int i = 0; i < 6; ++i)
     CHECK(e[i] <= tol, "%s N=%lld T=%lld D=%lld: %s rel err %.3g > %.3g", name, (long long)N,
@@ -121,14 +77,12 @@ float h_to_f(__half v) { return __half2float(v); }
 float f_to_f(float v) { return v; }
 
 int main() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-    std::printf("[test_ln_modulate_cuda] no CUDA device: skipped\n");
-    return 77;
-  }
+  if (!cuda_test::have_gpu("test_ln_modulate_cuda")) return 77;
   const int64_t shapes[][4] = {{1, 1, 72, 1},    {3, 7, 72, 6},   {1, 257, 1152, 6},
                                {3, 7, 1000, 2},  {2, 3, 1, 1},    {2, 0, 16, 1},
-                               {1, 2, 20000, 1}};  // last: row too big for the smem cache
+                               {1, 2, 20000, 1}, {2, 3, 5001, 1}, {2, 5, 36, 3}};
+  // D 20000 (fp32 / fp64) and 5001 (odd: element-wise): rows too long to hold in registers;
+  // D 36: 16-byte vectors for fp32 / fp64 only
   for (const auto& s : shapes) {
     run_case<float, float, float>(DType::kFloat32, DType::kFloat32, s[0], s[1], s[2], s[3], 2e-5,
                                   "float32", f_id, f_to_f);
