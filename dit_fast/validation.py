@@ -168,9 +168,10 @@ def _max_abs(t: Tensor) -> float:
     return float(t.abs().max()) if t.numel() else 0.0
 
 
-def run_phases(op: str, backend: str, phases: Iterable[_Phase], grad: bool = True) -> list[CheckResult]:
+def run_phases(op: str, backend: str, phases: Iterable[_Phase], grad: bool = True,
+               dtype: Optional[torch.dtype] = None) -> list[CheckResult]:
     """Runs each phase on `backend` and its ground truth; one CheckResult per phase (its worst
-    output). Exceptions propagate."""
+    output), labelled with `dtype` (default: the first input's). Exceptions propagate."""
     results = []
     for ph in phases:
         if ph.kind == "grad" and not grad:
@@ -201,7 +202,8 @@ def run_phases(op: str, backend: str, phases: Iterable[_Phase], grad: bool = Tru
             torch.cuda.synchronize(first.device)
         results.append(CheckResult(
             what=f"{op} {ph.name} ({worst[3]})", backend=backend,
-            dtype=_dtype_name(first.dtype) if first is not None else "-", shape=_shape_str(first),
+            dtype=_dtype_name(dtype or first.dtype) if dtype or first is not None else "-",
+            shape=_shape_str(first),
             max_err=worst[1], bound=worst[2], seconds=time.perf_counter() - t0))
     return results
 
