@@ -552,7 +552,9 @@ def _select(op_name, tensor, requested, available_for_op) -> tuple[str, bool]:
         raise RuntimeError(f"dit_fast: backend {requested!r} was requested ({_source(requested)}) "
                            f"for {op_name!r} on a {dev} {str(dtype).replace('torch.', '')} tensor, "
                            f"but it cannot run: {reason}")
-    return requested, _validated(op_name, requested, tensor, forced=True) is _OK
+    # (the interpreter's decision reads TRITON_INTERPRET, which the cache key does not hold)
+    return requested, (_validated(op_name, requested, tensor, forced=True) is _OK
+                       and not _triton_interpreted(requested, dev))
 
 
 # ---- validation on first use ------------------------------------------------------------
