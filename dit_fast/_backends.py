@@ -87,8 +87,8 @@ import torch
 
 __all__ = [
     "BACKENDS", "ENV_VAR", "VALIDATE_ENV_VAR", "AUTO_ORDER", "BackendInfo", "BackendReport",
-    "KernelValidationWarning", "backends", "requested_backend", "use_backend", "register_op",
-    "registered_ops", "select", "explain", "auto_order", "set_auto_order", "validation_stats",
+    "KernelValidationWarning", "KernelValidationError", "backends", "requested_backend",
+    "use_backend", "register_op", "registered_ops", "select", "explain", "auto_order", "set_auto_order", "validation_stats",
 ]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -133,6 +133,10 @@ def triton_interpreter() -> bool:
 
 class KernelValidationWarning(RuntimeWarning):
     """A backend's kernel failed validation on first use; auto left it out for that op."""
+
+
+class KernelValidationError(RuntimeError):
+    """A forced backend's kernel failed validation on first use."""
 
 
 @dataclass(frozen=True)
@@ -549,7 +553,9 @@ def _select(op_name, tensor, requested, available_for_op) -> tuple[str, bool]:
         raise RuntimeError(f"dit_fast: no backend can run {op_name!r} on a {dev} tensor ({reasons})")
     reason = _reject(requested, op_name, impls, dev, dtype, tensor, forced=True)
     if reason is not None:
-        raise RuntimeError(f"dit_fast: backend {requested!r} was requested ({_source(requested)}) "
+        failed = (isinstance(tensor, torch.Tensor)
+                  and (op_name, requested, dtype, str(tensor.device)) in _failed)
+        raise (KernelValidationError if failed else RuntimeError)(f"dit_fast: backend {requested!r} was requested ({_source(requested)}) "
                            f"for {op_name!r} on a {dev} {str(dtype).replace('torch.', '')} tensor, "
                            f"but it cannot run: {reason}")
     # (the interpreter's decision reads TRITON_INTERPRET, which the cache key does not hold)
@@ -614,7 +620,8 @@ def _validated(op_name: str, name: str, tensor: DeviceLike, forced: bool):
     if error is None:
         return _OK
     if forced:
-        raise RuntimeError(f"dit_fast: backend {name!r} was requested ({_source(name)}) for "
+        raise KernelValidationError(
+                           f"dit_fast: backend {name!r} was requested ({_source(name)}) for "
                            f"{op_name!r} on {tensor.device} {str(tensor.dtype).replace('torch.', '')}"
                            f" tensors, but its kernel failed validation on first use: {error}")
     return _FAILED

@@ -115,9 +115,11 @@ def small_shape(like: Tensor, exact: bool = False) -> tuple[int, ...]:
 def row_inputs(like: Tensor, n_full: int, n_params: int, exact: bool = False,
                seed: int = 0) -> tuple[list[Tensor], list[Tensor]]:
     """Inputs of a row op on x (N, T, D): `n_full` tensors laid out like `like` ((N, T, D); small
-    (<= 2 x 5 x D) unless `exact`) and `n_params` (N, D) parameters read as chunks of one
+    (<= 2 x 5 x D) unless `exact`; (2, 5, 64) for a `like` without a row) and `n_params` (N, D) parameters read as chunks of one
     (N, (n_params + 1) * D) buffer, as DiT's blocks read their adaLN output."""
-    shape = small_shape(like if like.dim() == 3 else like.new_empty(1, 1, like.shape[-1]), exact)
+    if like.dim() != 3 or like.shape[-1] == 0:  # e.g. select() given an empty probe tensor
+        like = like.new_empty(2, 5, 64)
+    shape = small_shape(like, exact)
     D = shape[-1]
     full = [like_tensor(like, shape, seed=seed + i) for i in range(n_full)]
     buf = randn((shape[0], (n_params + 1) * D), like, seed=seed + n_full, scale=0.5)
