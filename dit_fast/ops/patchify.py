@@ -73,9 +73,15 @@ def _validate_pe(backend: str, like: Tensor, grad: bool = True, exact: bool = Fa
 
 
 def _validate_unp(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
-    """Kernel check for dit_fast.validation on y built like `like` (N, T, p*p*C): patch 2 where
+    """Kernel check for dit_fast.validation on y built like `like` (N, T, p*p*C), or like the
+    image gradient (N, C, H, W) the backward selects on: patch 2 where
     the last dim allows (else 1), a 2 x 3 token grid unless `exact` (then like's square grid, or
     1 x T); forward and backward (pure data movement: exact)."""
+    if like.dim() == 4:  # the backward selects on the image gradient (N, C, H, W)
+        N, c, H, W = like.shape
+        p = 2 if H % 2 == 0 and W % 2 == 0 else 1
+        T, L = (H // p) * (W // p), p * p * c
+        like = like.new_empty(N, T, L)
     N, T, L = like.shape
     p = 2 if L % 4 == 0 else 1
     c = L // (p * p)
