@@ -106,7 +106,8 @@ def cases(N=1, T=4, D=64, H=2):
 
 
 def per_call_us(fns, calls, repeats):
-    """Median microseconds per call of each fn, timed in turns."""
+    """(median, min) microseconds per call of each fn over the timed blocks, timed in turns (the
+    min is the less noisy figure on a shared machine)."""
     for f in fns:  # warm-up (first-use validation, caches, lazy imports)
         for _ in range(20):
             f()
@@ -117,17 +118,21 @@ def per_call_us(fns, calls, repeats):
             for _ in range(calls):
                 f()
             times[i].append((time.perf_counter() - t0) / calls * 1e6)
-    return [statistics.median(t) for t in times]
+    return [(statistics.median(t), min(t)) for t in times]
+
+
+def _row(pub, bare):
+    return {"public_us": round(pub[0], 2), "bare_us": round(bare[0], 2),
+            "overhead_us": round(pub[0] - bare[0], 2), "public_min_us": round(pub[1], 2),
+            "bare_min_us": round(bare[1], 2), "overhead_min_us": round(pub[1] - bare[1], 2)}
 
 
 def measure(calls, repeats):
     out = {}
     for name, (public, bare, inputs, bare_bwd) in cases().items():
         with torch.no_grad():
-            pub_us, bare_us = per_call_us([lambda: public(*inputs), lambda: bare(*inputs)],
-                                          calls, repeats)
-        row = {"no_grad": {"public_us": round(pub_us, 2), "bare_us": round(bare_us, 2),
-                           "overhead_us": round(pub_us - bare_us, 2)}}
+            row = {"no_grad": _row(*per_call_us([lambda: public(*inputs), lambda: bare(*inputs)],
+                                                 calls, repeats))}
         if bare_bwd is not None:
             leaves = [t.detach().requires_grad_(True) for t in inputs]
 
@@ -138,14 +143,27 @@ def measure(calls, repeats):
                 res = res if isinstance(res, tuple) else (res,)
                 torch.autograd.backward(res, [o.detach() for o in res])
 
-            pub_us, bare_us = per_call_us([fwd_bwd, lambda: bare_bwd(*inputs)], calls // 2 or 1,
-                                          repeats)
-            row["fwd_bwd"] = {"public_us": round(pub_us, 2), "bare_us": round(bare_us, 2),
-                              "overhead_us": round(pub_us - bare_us, 2)}
+            row["fwd_bwd"] = _row(*per_call_us([fwd_bwd, lambda: bare_bwd(*inputs)],
+                                               calls // 2 or 1, repeats))
         out[name] = row
-        print(f"{name:28s} " + "  ".join(
-            f"{k}: public {v['public_us']:7.1f} us, bare {v['bare_us']:6.1f} us, "
-            f"overhead {v['overhead_us']:6.1f} us" for k, v in row.items()), flush=True)
+        print(f"{name:27s} " + "  ".join(
+            f"{k}: overhead {v['overhead_us']:6.1f} us (min {v['overhead_min_us']:6.1f}; public "
+            f"{v['public_min_us']:.1f}, bare {v['bare_min_us']:.1f})" for k, v in row.items()),
+            flush=True)
+    return out
+
+
+def measure_select(calls, repeats):
+    """The dispatch decision alone: `_backends.select` per call, for the like tensors the ops
+    pass (attention: the packed (N, T, 3, H, Dh) view, an op with per-input checks)."""
+    x = torch.empty(1, 4, 64)
+    probes = {"ln_modulate": x, "attention": torch.empty(1, 4, 192).view(1, 4, 3, 2, 32),
+              "linear": x}
+    out = {}
+    for op, t in probes.items():
+        (med, lo), = per_call_us([lambda: _backends.select(op, t)], calls * 5, repeats)
+        out[op] = {"select_us": round(med, 3), "select_min_us": round(lo, 3)}
+        print(f"select({op!r}): {med:.2f} us (min {lo:.2f})", flush=True)
     return out
 
 
@@ -165,6 +183,7 @@ def main():
            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
            "threads": args.threads, "calls": args.calls, "repeats": args.repeats}
     res["ops"] = measure(args.calls, args.repeats)
+    res["select"] = measure_select(args.calls, args.repeats)
     stats = getattr(_backends, "validation_stats", None)
     if stats is not None:  # the one-time cost of first-use validation (none on older checkouts)
         res["first_use_validation"] = stats()
