@@ -269,3 +269,15 @@ def test_like_tensor_keeps_stride_order_and_gaps():
     assert c.shape == (2, 16) and c.stride(0) > 16 and c.stride(1) == 1
     dense = validation.like_tensor(torch.empty(2, 3, 8, dtype=torch.bfloat16), (1, 5, 8))
     assert dense.is_contiguous() and dense.dtype == torch.bfloat16
+
+
+@needs_c
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (2, 0, 5), (0, 3, 4, 4), (3, 0, 4, 4)])
+def test_validators_accept_degenerate_like_tensors(shape):
+    """select() is also given empty probe tensors of any rank: every validator then checks a
+    default shape instead of failing the kernel."""
+    import dit_fast.ops  # noqa: F401
+    like = torch.empty(shape)
+    for op, validate in _backends._OP_VALIDATE.items():
+        results = validate("cpu", like)
+        assert results and all(r.ok for r in results), (op, [r.line() for r in results])

@@ -61,7 +61,7 @@ def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False
     """Kernel check for dit_fast.validation: the packed GEMM (plain and with the GELU epilogue)
     on x (rows, K) with K = like's last dim, 37 output features (a partial micro-tile) and
     MIN_ROWS + 5 rows (like's rows if `exact`). Bound: tolerance + twice torch's own error."""
-    K = like.shape[-1]
+    K = like.shape[-1] if like.dim() >= 2 and like.shape[-1] else 64
     rows = like.numel() // max(K, 1) if exact else MIN_ROWS + 5
     x = validation.randn((rows, K), like)
     w = validation.randn((37, K), like, seed=1, scale=K ** -0.5)

@@ -55,6 +55,8 @@ def _validate_pe(backend: str, like: Tensor, grad: bool = True, exact: bool = Fa
     """Kernel check for dit_fast.validation on x built like `like` (N, C, H, W): patch 2 (1 for
     odd sizes), DiT-XL's D 1152 (the weight is not visible in `like`), small (<= 2 x C x 4 x 6)
     unless `exact`; forward (with bias and pos_embed) and backward (dx, dweight, dbias)."""
+    if like.dim() != 4 or like.shape[1] == 0:  # e.g. select() given an empty probe tensor
+        like = like.new_empty(2, 4, 8, 8)
     N, C, H, W = like.shape
     p = 2 if H % 2 == 0 and W % 2 == 0 else 1
     if not exact:
@@ -82,6 +84,8 @@ def _validate_unp(backend: str, like: Tensor, grad: bool = True, exact: bool = F
         p = 2 if H % 2 == 0 and W % 2 == 0 else 1
         T, L = (H // p) * (W // p), p * p * c
         like = like.new_empty(N, T, L)
+    elif like.dim() != 3 or like.shape[-1] == 0:  # e.g. select() given an empty probe tensor
+        like = like.new_empty(2, 6, 16)
     N, T, L = like.shape
     p = 2 if L % 4 == 0 else 1
     c = L // (p * p)

@@ -58,6 +58,8 @@ def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False
     fixed variance), DDIM, and guided DDPM, with t != 0 and t = 0 samples. Ground truth: the
     reference at the same dtype (the kernel follows it operation by operation, reduced-precision
     guidance arithmetic included), held to x's dtype's tolerance."""
+    if like.dim() != 3 or like.shape[1] == 0:  # e.g. select() given an empty probe tensor
+        like = like.new_empty(2, 4, 37)
     N, C, L = like.shape if exact else (2, like.shape[1], max(1, min(like.shape[2], 37)))
     x = validation.like_tensor(like, (N, C, L))
     noise = validation.randn((N, C, L), like, seed=1)
