@@ -1,6 +1,8 @@
-"""dit_fast._backends: the report, DIT_FAST_BACKEND, use_backend, register_op and select."""
+"""dit_fast._backends: the report, DIT_FAST_BACKEND, use_backend (threads, setter), register_op,
+select (auto order table, decision cache)."""
 
 import importlib.util
+import threading
 
 import pytest
 import torch
@@ -15,8 +17,14 @@ HAS_C = _backends._probe("cpu") is None
 
 @pytest.fixture(autouse=True)
 def _auto_env(monkeypatch):
-    """Each test starts from automatic selection, whatever the caller's environment says."""
+    """Each test starts from automatic selection, whatever the caller's environment says, and
+    leaves no use_backend setter behind."""
     monkeypatch.delenv(_backends.ENV_VAR, raising=False)
+    yield
+    with _backends._lock:
+        _backends._setter = None
+        _backends._scopes.clear()
+        _backends._update_override()
 
 
 @pytest.fixture
@@ -32,7 +40,7 @@ def temp_op():
     yield register
     for name in names:
         _backends._OPS.pop(name, None)
-    _backends._auto_cache.clear()
+    _backends._decisions.clear()
 
 
 # ---- backends() report ----------------------------------------------------------------------
@@ -108,7 +116,7 @@ def test_auto_order_and_available_for_op(temp_op):
 def test_explain_lists_every_backend_with_reason(temp_op):
     op = temp_op("_test_ref_cpu", {"reference": None, "cpu": [torch.float32]})
     reasons = _backends.explain(op, torch.empty(1, dtype=torch.float64))
-    assert list(reasons) == ["cuda", "triton", "cpu", "reference"]
+    assert list(reasons) == ["cpu", "reference", "cuda", "triton"]  # auto's CPU order, then the rest
     assert reasons["reference"] is None
     assert "no cuda implementation" in reasons["cuda"]
     assert "no triton implementation" in reasons["triton"]
@@ -121,7 +129,7 @@ def test_triton_interpreter_serves_cpu_tensors_only_when_forced(temp_op, monkeyp
     pytest.importorskip("triton")
     op = temp_op("_test_interp", ["reference", "triton"])
     x = torch.empty(1)
-    monkeypatch.setattr(_backends, "_auto_cache", {})
+    monkeypatch.setattr(_backends, "_decisions", {})
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert select(op, x) == "reference"
     assert "auto never picks the Triton interpreter" in _backends.explain(op, x)["triton"]
@@ -196,7 +204,7 @@ def test_forced_backend_errors_name_the_reason(temp_op):
 
 def test_forced_unavailable_backend_reports_probe_reason(monkeypatch):
     monkeypatch.setitem(_backends._probe_cache, "cpu", "dit_fast._C not built: simulated")
-    monkeypatch.setattr(_backends, "_auto_cache", {})
+    monkeypatch.setattr(_backends, "_decisions", {})
     with use_backend("cpu"), pytest.raises(RuntimeError, match="dit_fast._C not built: simulated"):
         select(OP, torch.empty(1))
     assert select(OP, torch.empty(1)) == "reference"
@@ -248,6 +256,157 @@ def test_op_specific_probes_and_supports():
         with pytest.raises(ValueError, match="must be callable"):
             _backends.register_op(name, ["reference", "cpu"], probes={"cpu": "yes"})
     finally:
-        for table in (_backends._OPS, _backends._OP_PROBES, _backends._OP_SUPPORTS):
+        for table in (_backends._OPS, _backends._OP_PROBES, _backends._OP_SUPPORTS,
+                      _backends._OP_SHAPE_CLASS):
             table.pop(name, None)
-        _backends._auto_cache.clear()
+        _backends._decisions.clear()
+
+
+def test_decisions_cached_per_shape_class():
+    """With `shape_class`, the input checks run once per (device, dtype, shape class); other
+    shapes of the same class hit the cache."""
+    name = "_test_shape_class"
+    calls = []
+
+    def small_only(t):
+        calls.append(tuple(t.shape))
+        return None if t.shape[-1] <= 4 else f"last dim {t.shape[-1]} > 4"
+
+    try:
+        _backends.register_op(name, {"reference": None, "cpu": None}, probes={"cpu": lambda: None},
+                              supports={"cpu": small_only}, shape_class=lambda t: t.shape[-1])
+        assert [select(name, torch.empty(*s)) for s in ((2, 3), (5, 3), (2, 8), (7, 8), (2, 3))] \
+            == ["cpu", "cpu", "reference", "reference", "cpu"]
+        assert calls == [(2, 3), (2, 8)]
+        select(name, torch.empty(2, 3, dtype=torch.float64))  # another dtype: decided afresh
+        assert calls[-1] == (2, 3) and len(calls) == 3
+        with use_backend("cpu"):  # forced requests are cached too, and still raise when refused
+            select(name, torch.empty(1, 3))
+            with pytest.raises(RuntimeError, match="last dim 8 > 4"):
+                select(name, torch.empty(1, 8))
+    finally:
+        for table in (_backends._OPS, _backends._OP_PROBES, _backends._OP_SUPPORTS,
+                      _backends._OP_SHAPE_CLASS):
+            table.pop(name, None)
+        _backends._decisions.clear()
+
+
+# ---- the auto order table ------------------------------------------------------------------------
+
+def test_auto_order_table_prefers_triton_for_cuda_row_ops():
+    for op in ("ln_modulate", "gated_residual_ln_modulate", "gated_residual", "gelu_bias"):
+        assert _backends.auto_order(op, "cuda") == ("triton", "cuda", "reference")
+        assert list(_backends.explain(op, "cuda"))[:3] == ["triton", "cuda", "reference"]
+    assert _backends.auto_order("attention", "cuda")[0] == "cuda"  # flash-attn first
+    assert _backends.auto_order("patch_embed", "cuda") == ("cuda", "triton", "reference")
+    assert _backends.auto_order(OP, "cpu") == ("cpu", "reference")
+    assert _backends.auto_order(OP, "mps") == ("reference",)
+    for per_dev in _backends.AUTO_ORDER.values():
+        assert all(order[-1] == "reference" for order in per_dev.values())
+
+
+def test_set_auto_order_rewrites_the_table(monkeypatch):
+    monkeypatch.setattr(_backends, "AUTO_ORDER", {d: dict(v) for d, v in _backends.AUTO_ORDER.items()})
+    name = "_test_order"
+    try:
+        _backends.register_op(name, {"reference": None, "cpu": None}, probes={"cpu": lambda: None})
+        assert select(name, torch.empty(1)) == "cpu"
+        _backends.set_auto_order("cpu", ["reference"], op_name=name)
+        assert select(name, torch.empty(1)) == "reference"  # the cached decision was dropped
+        assert "not in auto's order for cpu tensors" in _backends.explain(name, torch.empty(1))["cpu"]
+        assert select(OP, torch.empty(1)) == ("cpu" if HAS_C else "reference")  # other ops keep theirs
+        with use_backend("cpu"):  # a forced backend does not depend on the order
+            assert select(name, torch.empty(1)) == "cpu"
+        with pytest.raises(ValueError, match="ending in 'reference'"):
+            _backends.set_auto_order("cuda", ["triton", "cuda"])
+        with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+            _backends.set_auto_order("cuda", ["tpu", "reference"])
+        _backends.set_auto_order("xpu", ["reference"])  # a device type without an entry yet
+        assert _backends.auto_order(OP, "xpu") == ("reference",)
+    finally:
+        for table in (_backends._OPS, _backends._OP_PROBES, _backends._OP_SUPPORTS,
+                      _backends._OP_SHAPE_CLASS):
+            table.pop(name, None)
+        _backends._decisions.clear()
+
+
+# ---- use_backend: threads, the setter form, the report ------------------------------------------
+
+def _in_thread(fn):
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_overlapping_scopes_in_two_threads_end_on_auto():
+    """A enters reference, B enters cpu, A exits, B exits: back on auto (and every step in
+    between is the most recently entered open scope)."""
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with use_backend("reference"):
+            a_in.set()
+            b_in.wait(5)
+            seen["a_after_b_entered"] = _backends.requested_backend()
+        a_out.set()
+
+    def thread_b():
+        a_in.wait(5)
+        with use_backend("cpu"):
+            b_in.set()
+            a_out.wait(5)
+            seen["b_after_a_exited"] = _backends.requested_backend()
+
+    threads = [threading.Thread(target=f) for f in (thread_a, thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"a_after_b_entered": "cpu", "b_after_a_exited": "cpu"}
+    assert _backends.requested_backend() == "auto" and not _backends._scopes
+    assert select(OP, torch.empty(1)) == ("cpu" if HAS_C else "reference")
+
+
+def test_scope_is_seen_by_other_threads_and_backward():
+    """Process-wide: another thread (e.g. autograd's backward threads) sees an open scope."""
+    with use_backend("reference"):
+        assert _in_thread(_backends.requested_backend) == "reference"
+        x = torch.randn(2, 3, 8, requires_grad=True)
+        seen = []
+        x.register_hook(lambda g: seen.append(_backends.requested_backend()))
+        (x * 2).sum().backward()
+        assert seen == ["reference"]
+    assert _in_thread(_backends.requested_backend) == "auto"
+
+
+def test_use_backend_without_with_is_a_setter(monkeypatch):
+    x = torch.empty(1)
+    use_backend("reference")
+    assert _backends.requested_backend() == "reference" and select(OP, x) == "reference"
+    assert _in_thread(_backends.requested_backend) == "reference"
+    with use_backend("auto"):  # a scope over the setter
+        assert select(OP, x) == ("cpu" if HAS_C else "reference")
+    assert _backends.requested_backend() == "reference"
+    monkeypatch.setenv(_backends.ENV_VAR, "cuda")
+    assert _backends.requested_backend() == "reference"  # the setter overrides the env var
+    use_backend("auto")
+    assert _backends.requested_backend() == "auto"
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        use_backend("gpu")  # a bogus name raises even without `with`
+    assert _backends.requested_backend() == "auto"
+
+
+def test_backends_prints_as_a_table():
+    report = backends()
+    assert isinstance(report, dict) and report["cpu"].name == "cpu"
+    text = str(report)
+    assert repr(report) == text
+    lines = text.splitlines()
+    assert lines[0].split() == ["backend", "tensors", "ops", "status"]
+    assert [ln.split()[0] for ln in lines[1:5]] == list(BACKENDS)
+    assert "all " in lines[1] and "available" in lines[1]
+    if not HAS_C:
+        assert "unavailable: dit_fast._C not built" in lines[2]

@@ -41,20 +41,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backends, nvtx
+from .. import _backends, nvtx, validation
 from ._eager import eager_inference
 
 __all__ = ["AdaLNPack", "adaln_modulation", "adaln_modulation_ref", "timestep_embedding",
            "timestep_embedding_ref", "OP_TIMESTEP_EMBEDDING"]
 
 OP_TIMESTEP_EMBEDDING = "timestep_embedding"
+
+
+def _validate_te(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
+    """Kernel check for dit_fast.validation: the embedding in `like`'s dtype (the output dtype)
+    for dims 256 and 33 (odd) and fractional timesteps up to 999. Ground truth: the official
+    float32 math (the op's definition; float64 output is held to float32's tolerance)."""
+    n = like.shape[0] if exact and like.dim() == 1 and like.shape[0] else 5
+    t = torch.linspace(0, 999, n, dtype=torch.float32, device=like.device) + 0.25
+    checks = []
+    for dim in (256, 33):
+        freqs = _freqs(dim, 10000, like.device)
+        checks += validation.run_phases(OP_TIMESTEP_EMBEDDING, backend, [validation.phase(
+            f"fwd dim {dim}", lambda b, t: _TE[b](t, freqs, dim, like.dtype), (t,), ("emb",),
+            truth=lambda got: (_te_reference(t, freqs, dim, torch.float64),),
+            tol_dtype=torch.float32 if like.dtype == torch.float64 else like.dtype)],
+            grad, dtype=like.dtype)
+    return checks
+
+
 # Keyed by the *output* dtype (the math is float32 in every case).
 _backends.register_op(OP_TIMESTEP_EMBEDDING, {
     "reference": None,
     "cpu": (torch.float32, torch.bfloat16, torch.float64),
     "triton": (torch.float32, torch.bfloat16, torch.float16),
     "cuda": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-})
+}, validate=_validate_te,
+    examples=lambda device, dtype: [torch.empty(256, device=device, dtype=dtype)])
 _T_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64)
 
 

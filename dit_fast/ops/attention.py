@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
-from .. import _backends, nvtx
+from .. import _backends, nvtx, validation
 
 __all__ = ["attention_qkv", "attention_ref", "explain", "OP_NAME"]
 
@@ -141,11 +141,41 @@ def _triton_supports(t: Tensor) -> Optional[str]:
     return None
 
 
+def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
+    """Kernel check for dit_fast.validation on qkv built like the packed view `like` (N, T, 3, H,
+    Dh): same head dim; small (1 x <= 67 tokens x <= 2 heads) unless `exact`. Bound: the
+    tolerance, plus twice SDPA's own error at that dtype for the forward (the backward has no
+    such peer: it may run inside the backward op, below autograd)."""
+    N, T, _, H, Dh = like.shape if _head_dim(like) is not None else (1, 16, 3, 2, 64)
+    if not exact:
+        N, T, H = 1, max(1, min(T, 67)), max(1, min(H, 2))
+    qkv = validation.randn((N, T, 3 * H * Dh), like)
+    dout = validation.randn((N, T, H * Dh), like, seed=1)
+
+    def bwd(b, qkv, dout):
+        return _run_backward(b, dout, qkv, *_run_forward(b, qkv, H), H)
+
+    return validation.run_phases(OP_NAME, backend, [
+        validation.phase("fwd", lambda b, qkv: _run_forward(b, qkv, H), (qkv,), ("out", "lse"),
+                         peer=lambda: (attention_ref(qkv, H), None)),
+        validation.phase("bwd", bwd, (qkv, dout), ("dqkv",), kind="grad"),
+    ], grad)
+
+
+def _examples(device, dtype):
+    """Packed qkv views: DiT-XL/2 (1, 256, 3, 16, 72), head dims 64 / 128, an odd 40 (T 37)."""
+    return [torch.empty(1, 256, 3, 16, 72, device=device, dtype=dtype),
+            torch.empty(1, 37, 3, 3, 64, device=device, dtype=dtype),
+            torch.empty(1, 37, 3, 2, 128, device=device, dtype=dtype),
+            torch.empty(1, 37, 3, 2, 40, device=device, dtype=dtype)]
+
+
 _backends.register_op(
     OP_NAME,
     {"reference": None, "cpu": _CPU_DTYPES, "triton": _TRITON_DTYPES, "cuda": _FLASH_DTYPES},
     probes={"cuda": _probe_flash_attn, "cpu": _probe_cpu},
     supports={"cuda": _flash_supports, "triton": _triton_supports},
+    shape_class=_head_dim, validate=_validate, examples=_examples,
 )
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backends, nvtx
+from .. import _backends, nvtx, validation
 from ._eager import eager_inference
 from .ln_modulate import DEFAULT_EPS
 
@@ -46,9 +46,52 @@ OP_NAME_PLAIN = "gated_residual"
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-for _name in (OP_NAME, OP_NAME_PLAIN):
+
+
+def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
+    """Kernel check for dit_fast.validation: forward (x_new, h, mean, rstd) and backward. As in
+    the op (and tests/test_gated_residual.py), h is the LayerNorm of x_new *as stored*."""
+    (x, y, dxn, dh), (gate, shift, scale) = validation.row_inputs(like, 4, 3, exact)
+    fwd = lambda b, *a: _FWD[b](*a, DEFAULT_EPS)  # noqa: E731
+    inputs = (x, y, gate, shift, scale)
+    x64, y64, g64, sh64, sc64 = (t.double() for t in inputs)
+
+    def stored(xn):  # reference forward of the stored x_new: (x_new, h, mean, rstd) in float64
+        z = torch.zeros_like(g64)
+        return _fwd_reference(xn.double(), torch.zeros_like(xn, dtype=torch.float64), z, sh64, sc64,
+                              DEFAULT_EPS)
+
+    def bwd(b, *a):
+        xn, _h, mean, rstd = fwd(b, *a)
+        return (xn,) + tuple(_BWD[b](dxn, dh, xn, a[1], a[2], a[4], mean, rstd))
+
+    def bwd_truth(got):
+        _, _, mean, rstd = stored(got[0])
+        return (None,) + tuple(_bwd_reference(dxn.double(), dh.double(), got[0].double(), y64, g64,
+                                              sc64, mean, rstd))
+
+    return validation.run_phases(OP_NAME, backend, [
+        validation.phase("fwd", fwd, inputs, ("x_new", "h", "mean", "rstd"),
+                         truth=lambda got: (x64 + g64.unsqueeze(1) * y64,) + stored(got[0])[1:]),
+        validation.phase("bwd", bwd, inputs, (None, "dx", "dy", "dgate", "dshift", "dscale"),
+                         kind="grad", truth=bwd_truth),
+    ], grad)
+
+
+def _validate_plain(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
+    """Kernel check for dit_fast.validation: gated_residual forward and backward."""
+    (x, y, dout), (gate,) = validation.row_inputs(like, 3, 1, exact)
+    return validation.run_phases(OP_NAME_PLAIN, backend, [
+        validation.phase("fwd", lambda b, *a: _PLAIN_FWD[b](*a), (x, y, gate), ("out",)),
+        validation.phase("bwd", lambda b, *a: _PLAIN_BWD[b](*a), (dout, y, gate), ("dy", "dgate"),
+                         kind="grad"),
+    ], grad)
+
+
+for _name, _check in ((OP_NAME, _validate), (OP_NAME_PLAIN, _validate_plain)):
     _backends.register_op(_name, {"reference": None, "cpu": _CPU_DTYPES,
-                                  "triton": _TRITON_DTYPES, "cuda": _CUDA_DTYPES})
+                                  "triton": _TRITON_DTYPES, "cuda": _CUDA_DTYPES},
+                          validate=_check, examples=validation.row_examples)
 
 
 def gated_residual_ref(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:

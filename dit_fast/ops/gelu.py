@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backends, nvtx
+from .. import _backends, nvtx, validation
 from ._eager import eager_inference
 from .linear import packed_gemm_applies, packed_linear
 
@@ -37,8 +37,34 @@ OP_NAME = "gelu_bias"
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
+    """Kernel check for dit_fast.validation: forward, in-place forward (linear_gelu's epilogue)
+    and backward, on h (..., F) built like `like`."""
+    if like.dim() < 2 or like.shape[-1] == 0:  # e.g. select() given an empty probe tensor
+        like = like.new_empty(2, 5, 64)
+    shape = validation.small_shape(like, exact)
+    h, dout = (validation.like_tensor(like, shape, seed=i) for i in range(2))
+    bias = validation.randn(shape[-1:], like, seed=2, scale=0.5)
+    return validation.run_phases(OP_NAME, backend, [
+        validation.phase("fwd", lambda b, h, bias: _FWD[b](h, bias), (h, bias), ("out",)),
+        validation.phase("fwd inplace",
+                         lambda b, h, bias: _FWD_INPLACE[b](h.contiguous().clone(), bias),
+                         (h, bias), ("out",)),
+        validation.phase("bwd", lambda b, *a: _BWD[b](*a), (dout, h, bias), ("dh", "dbias"),
+                         kind="grad"),
+    ], grad)
+
+
+def _examples(device, dtype):
+    """DiT-XL/2's fc1 output (2, 256, 4608) and an odd (1, 37, 389)."""
+    return [torch.empty(2, 256, 4608, device=device, dtype=dtype),
+            torch.empty(1, 37, 389, device=device, dtype=dtype)]
+
+
 _backends.register_op(OP_NAME, {"reference": None, "cpu": _CPU_DTYPES, "triton": _TRITON_DTYPES,
-                                "cuda": _CUDA_DTYPES})
+                                "cuda": _CUDA_DTYPES}, validate=_validate, examples=_examples)
 
 
 def gelu_bias_ref(h: Tensor, bias: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backends
+from .. import _backends, validation
 from ._eager import eager_inference
 
 __all__ = ["linear", "linear_ref", "packed_linear", "packed_gemm_applies", "clear_packed_weights",
@@ -57,8 +57,36 @@ def _avx2_reason(_t: Tensor) -> Optional[str]:
     return None
 
 
+def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
+    """Kernel check for dit_fast.validation: the packed GEMM (plain and with the GELU epilogue)
+    on x (rows, K) with K = like's last dim, 37 output features (a partial micro-tile) and
+    MIN_ROWS + 5 rows (like's rows if `exact`). Bound: tolerance + twice torch's own error."""
+    K = like.shape[-1] if like.dim() >= 2 and like.shape[-1] else 64
+    rows = like.numel() // max(K, 1) if exact else MIN_ROWS + 5
+    x = validation.randn((rows, K), like)
+    w = validation.randn((37, K), like, seed=1, scale=K ** -0.5)
+    b = validation.randn((37,), like, seed=2)
+
+    def run(gelu):
+        def fn(backend, x, w, b):
+            if backend == "reference":
+                out = F.linear(x, w, b)
+                return F.gelu(out, approximate="tanh") if gelu else out
+            return packed_linear(x, w, b, gelu=gelu)
+        return fn
+
+    return validation.run_phases(OP_NAME, backend, [
+        validation.phase(name, run(gelu), (x, w, b), ("out",), peer=lambda g=gelu: run(g)(
+            "reference", x, w, b)) for name, gelu in (("fwd", False), ("fwd gelu", True))])
+
+
 _backends.register_op(OP_NAME, {"reference": None, "cpu": (torch.float32,)},
-                      supports={"cpu": _avx2_reason})
+                      supports={"cpu": _avx2_reason}, shape_class=lambda t: None,
+                      validate=_validate,
+                      examples=lambda device, dtype: [torch.empty(2, 256, 1152, device=device,
+                                                                  dtype=dtype),
+                                                      torch.empty(1, 37, 389, device=device,
+                                                                  dtype=dtype)])
 
 
 def linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

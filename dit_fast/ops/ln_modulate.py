@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backends, nvtx
+from .. import _backends, nvtx, validation
 from ._eager import eager_inference
 
 __all__ = ["ln_modulate", "ln_modulate_ref", "DEFAULT_EPS", "OP_NAME"]
@@ -39,8 +39,22 @@ DEFAULT_EPS = 1e-6
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
+    """Kernel check for dit_fast.validation: forward (y, mean, rstd) and backward."""
+    (x, dy), (shift, scale) = validation.row_inputs(like, 2, 2, exact)
+    fwd = lambda b, x, sh, sc: _FWD[b](x, sh, sc, DEFAULT_EPS)  # noqa: E731
+    return validation.run_phases(OP_NAME, backend, [
+        validation.phase("fwd", fwd, (x, shift, scale), ("y", "mean", "rstd")),
+        validation.phase("bwd", lambda b, x, sh, sc, dy: _BWD[b](dy, x, sc, *fwd(b, x, sh, sc)[1:]),
+                         (x, shift, scale, dy), ("dx", "dshift", "dscale"), kind="grad"),
+    ], grad)
+
+
 _backends.register_op(OP_NAME, {"reference": None, "cpu": _CPU_DTYPES, "triton": _TRITON_DTYPES,
-                                "cuda": _CUDA_DTYPES})
+                                "cuda": _CUDA_DTYPES},
+                      validate=_validate, examples=validation.row_examples)
 
 
 def ln_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor, eps: float = DEFAULT_EPS) -> Tensor:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .. import _backends, nvtx
+from .. import _backends, nvtx, validation
 from ._eager import eager_inference
 
 __all__ = ["patch_embed", "patch_embed_ref", "unpatchify", "unpatchify_ref",
@@ -49,12 +49,71 @@ OP_UNPATCHIFY = "unpatchify"
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _validate_pe(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
+    """Kernel check for dit_fast.validation on x built like `like` (N, C, H, W): patch 2 (1 for
+    odd sizes), DiT-XL's D 1152 (the weight is not visible in `like`), small (<= 2 x C x 4 x 6)
+    unless `exact`; forward (with bias and pos_embed) and backward (dx, dweight, dbias)."""
+    if like.dim() != 4 or like.shape[1] == 0:  # e.g. select() given an empty probe tensor
+        like = like.new_empty(2, 4, 8, 8)
+    N, C, H, W = like.shape
+    p = 2 if H % 2 == 0 and W % 2 == 0 else 1
+    if not exact:
+        N, H, W = max(1, min(N, 2)), p * max(1, min(H // p, 2)), p * max(1, min(W // p, 3))
+    D, T = 1152, (H // p) * (W // p)
+    x = validation.like_tensor(like, (N, C, H, W))
+    w = validation.randn((D, C, p, p), like, seed=1, scale=(C * p * p) ** -0.5)
+    bias, pos = validation.randn((D,), like, seed=2), validation.randn((T, D), like, seed=3)
+    dout = validation.randn((N, T, D), like, seed=4)
+    return validation.run_phases(OP_PATCH_EMBED, backend, [
+        validation.phase("fwd", lambda b, x, w, bias, pos: _FWD[b](x, w, bias, pos, p),
+                         (x, w, bias, pos), ("out",)),
+        validation.phase("bwd", lambda b, dout, x, w: _BWD[b](dout, x, w, p, True, True, True),
+                         (dout, x, w), ("dx", "dweight", "dbias"), kind="grad"),
+    ], grad)
+
+
+def _validate_unp(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
+    """Kernel check for dit_fast.validation on y built like `like` (N, T, p*p*C), or like the
+    image gradient (N, C, H, W) the backward selects on: patch 2 where
+    the last dim allows (else 1), a 2 x 3 token grid unless `exact` (then like's square grid, or
+    1 x T); forward and backward (pure data movement: exact)."""
+    if like.dim() == 4:  # the backward selects on the image gradient (N, C, H, W)
+        N, c, H, W = like.shape
+        p = 2 if H % 2 == 0 and W % 2 == 0 else 1
+        T, L = (H // p) * (W // p), p * p * c
+        like = like.new_empty(N, T, L)
+    elif like.dim() != 3 or like.shape[-1] == 0:  # e.g. select() given an empty probe tensor
+        like = like.new_empty(2, 6, 16)
+    N, T, L = like.shape
+    p = 2 if L % 4 == 0 else 1
+    c = L // (p * p)
+    gh = math.isqrt(T) if exact and math.isqrt(T) ** 2 == T else 1 if exact else 2
+    gw = T // gh if exact else 3
+    N = N if exact else max(1, min(N, 2))
+    y = validation.like_tensor(like, (N, gh * gw, L))
+    dimg = validation.randn((N, c, gh * p, gw * p), like, seed=1)
+    return validation.run_phases(OP_UNPATCHIFY, backend, [
+        validation.phase("fwd", lambda b, y: _UNP_FWD[b](y, p, c, gh, gw), (y,), ("img",)),
+        validation.phase("bwd", lambda b, d: _UNP_BWD[b](d, p), (dimg,), ("dy",), kind="grad"),
+    ], grad)
+
+
 _backends.register_op(OP_PATCH_EMBED, {"reference": None, "cpu": _CPU_DTYPES,
-                                       "triton": _TRITON_DTYPES, "cuda": _CUDA_DTYPES})
+                                       "triton": _TRITON_DTYPES, "cuda": _CUDA_DTYPES},
+                      validate=_validate_pe,
+                      examples=lambda device, dtype: [  # DiT-XL/2's 32x32 latents, an odd size
+                          torch.empty(2, 4, 32, 32, device=device, dtype=dtype),
+                          torch.empty(1, 3, 6, 10, device=device, dtype=dtype)])
 # unpatchify only moves elements: any dtype of 2, 4 or 8 bytes on every backend.
 _MOVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _backends.register_op(OP_UNPATCHIFY, {"reference": None, "cpu": _MOVE_DTYPES,
-                                      "triton": _MOVE_DTYPES, "cuda": _MOVE_DTYPES})
+                                      "triton": _MOVE_DTYPES, "cuda": _MOVE_DTYPES},
+                      validate=_validate_unp,
+                      examples=lambda device, dtype: [  # DiT-XL/2's final tokens, an odd grid
+                          torch.empty(2, 256, 32, device=device, dtype=dtype),
+                          torch.empty(1, 15, 27, device=device, dtype=dtype)])
 
 
 # ---- ground truth ---------------------------------------------------------------------------

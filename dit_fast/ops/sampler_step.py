@@ -39,7 +39,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _backends, nvtx
+from .. import _backends, nvtx, validation
 
 __all__ = ["ddpm_step", "ddim_step", "ddpm_step_ref", "ddim_step_ref", "sampler_step",
            "sampler_step_ref", "ddpm_coefs", "ddim_coefs", "MODE_DDPM_LEARNED_RANGE",
@@ -51,13 +51,45 @@ MODE_DDPM_FIXED = 1
 MODE_DDIM = 2
 NUM_COEFS = 8
 
+
+
+def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
+    """Kernel check for dit_fast.validation on x built like `like` (N, C, L): DDPM (learned range,
+    fixed variance), DDIM, and guided DDPM, with t != 0 and t = 0 samples. Ground truth: the
+    reference at the same dtype (the kernel follows it operation by operation, reduced-precision
+    guidance arithmetic included), held to x's dtype's tolerance."""
+    if like.dim() != 3 or like.shape[1] == 0:  # e.g. select() given an empty probe tensor
+        like = like.new_empty(2, 4, 37)
+    N, C, L = like.shape if exact else (2, like.shape[1], max(1, min(like.shape[2], 37)))
+    x = validation.like_tensor(like, (N, C, L))
+    noise = validation.randn((N, C, L), like, seed=1)
+    m = validation.randn((2 * N, 2 * C, L), like, seed=2, scale=0.5)
+    cd = torch.float64 if like.dtype == torch.float64 else torch.float32
+    mask = (torch.arange(N, device=like.device) % 2 == 0).to(cd)  # t = 0 for odd samples
+    ddpm = ddpm_coefs(1.3, 0.8, 0.6, 0.4, -5.0, -4.0, mask, dtype=cd)
+    ddim = ddim_coefs(1.3, 0.8, 0.9, 0.3, 0.1 * mask, dtype=cd)
+    cases = [("ddpm", m[:N].contiguous(), ddpm, MODE_DDPM_LEARNED_RANGE, None),
+             ("ddpm fixed", m[:N, :C].contiguous(), ddpm, MODE_DDPM_FIXED, None),
+             ("ddim", m[:N, :C].contiguous(), ddim, MODE_DDIM, None),
+             ("ddpm guided", m, ddpm, MODE_DDPM_LEARNED_RANGE, 4.0)]  # the kernels' layout
+    return validation.run_phases(OP_NAME, backend, [validation.phase(
+        name, lambda b, mo, x, n, c, mode=mode, s=s: _KERNELS[b](
+            mo, x, n, c, mode, True, s is not None, s or 0.0, 3 if s else C),
+        (mo, x, noise, coefs), ("sample", "pred_xstart"), tol_dtype=like.dtype,
+        truth=lambda got, a=(mo, x, noise, coefs), mode=mode, s=s: _k_reference(
+            *a, mode, True, s is not None, s, 3 if s else C))
+        for name, mo, coefs, mode, s in cases], grad, dtype=like.dtype)
+
+
 # Keyed by x's dtype; model_output's dtype is checked separately (_MODEL_DTYPES).
 _backends.register_op(OP_NAME, {
     "reference": None,
     "cpu": (torch.float32, torch.bfloat16, torch.float64),
     "triton": (torch.float32, torch.bfloat16, torch.float16),
     "cuda": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-})
+}, validate=_validate, examples=lambda device, dtype: [  # DiT-XL/2's 32x32 latents, an odd size
+    torch.empty(2, 4, 1024, device=device, dtype=dtype),
+    torch.empty(1, 3, 37, device=device, dtype=dtype)])
 _MODEL_DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float64),
     "triton": (torch.float32, torch.bfloat16, torch.float16),
