@@ -66,8 +66,8 @@ def torch_load(path: PathLike, what: str = "checkpoint", **kwargs):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except pickle.UnpicklingError:
-        raise ValueError(f"{what} {path}: not a readable torch checkpoint (it holds data torch.load(weights_only=True) "
-                         f"refuses: a foreign or corrupt file)") from None
+        raise ValueError(f"{what} {path}: not a readable torch checkpoint (a foreign or corrupt file: it holds "
+                         f"data other than tensors and plain values)") from None
     except OSError as e:
         raise ValueError(f"{what} {path}: cannot read it: {io_reason(e)}") from None
     except Exception as e:  # truncated zip archives, legacy-format garbage (KeyError), ...
