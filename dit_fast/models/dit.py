@@ -627,9 +627,11 @@ class DiT(nn.Module):
         if y.dtype not in (torch.int64, torch.int32):  # what the embedding lookup takes
             raise ValueError(f"y must hold integer class labels of dtype torch.int64 or torch.int32, got {y.dtype}"
                              + ("" if y.dtype.is_floating_point or y.dtype == torch.bool else " (use y.long())"))
-        if not _is_tracing() and N > 0:
+        top = self.y_embedder.embedding_table.num_embeddings - 1
+        if not _is_tracing() and N > 0 and y.device.type != "cpu":  # no host sync per forward on a GPU
+            torch._assert_async(((y >= 0) & (y <= top)).all(), f"y must hold labels in [0, {top}]")
+        elif not _is_tracing() and N > 0:
             lo, hi = int(y.min()), int(y.max())
-            top = self.y_embedder.embedding_table.num_embeddings - 1
             if lo < 0 or hi > top:
                 raise ValueError(f"y must hold labels in [0, {self.num_classes - 1}]"
                                  + (f" or the null class {self.num_classes}" if top == self.num_classes else "")
