@@ -196,3 +196,58 @@ def test_sample_ddp_failed_shard_write(ckpt, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"{SAMPLE_DDP}: error: cannot write ") and err[-1].endswith("No space left on device")
     assert not [p for p in tmp_path.rglob("*") if p.suffix == ".npz"]
+
+
+# ----------------------------------------------------------------------------- demo
+
+DEMO = "python -m dit_fast.demo"
+
+
+@pytest.mark.parametrize("missing, package", [("sklearn", "scikit-learn"), ("PIL", "pillow"),
+                                              ("matplotlib", "matplotlib")])
+def test_demo_checks_its_packages_before_training(tmp_path, missing, package):
+    r = run_cli("dit_fast.demo", "--out", tmp_path / "demo", block=[missing])
+    line = one_error_line(r, DEMO, f"the demo needs {package}, which is not installed")
+    assert "pip install 'dit_fast[demo]'" in line
+    assert r.stdout == "" and not (tmp_path / "demo").exists()          # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("flag, value", [("--cfg-scale", "nan"), ("--cfg-scale", "inf"), ("--lr", "nan"),
+                                         ("--lr", "inf"), ("--ema-decay", "nan")])
+def test_demo_non_finite_numbers(tmp_path, capsys, flag, value):
+    from dit_fast.demo import main
+
+    assert main(["--out", str(tmp_path / "demo"), flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{DEMO}: error: {flag} must be a finite number, got {value}"]
+    assert not (tmp_path / "demo").exists()
+
+
+def test_train_digits_without_scikit_learn(tmp_path):
+    r = run_cli("dit_fast.train", "--dataset", "digits", "--results-dir", tmp_path / "run", block=["sklearn"])
+    one_error_line(r, "python -m dit_fast.train", "--dataset digits needs scikit-learn, which is not installed")
+
+
+# ----------------------------------------------------------------------------- FID
+
+def test_fid_of_two_statistics_files_needs_no_weights(tmp_path):
+    """Both inputs precomputed (mu, sigma): no Inception weights are looked for."""
+    from dit_fast.eval.fid import frechet_distance
+
+    g = np.random.default_rng(0)
+    fa, fb = g.normal(size=(50, 4)), g.normal(0.5, 1.0, size=(40, 4))
+    for name, f in (("a", fa), ("b", fb)):
+        np.savez(tmp_path / f"{name}.npz", mu=f.mean(0), sigma=np.cov(f, rowvar=False))
+    env_cache = tmp_path / "empty-cache"                 # no weights anywhere
+    r = subprocess.run([sys.executable, "-m", "dit_fast.eval.fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")],
+                       capture_output=True, text=True, timeout=120,
+                       env={**ENV, "DIT_FAST_CACHE": str(env_cache), "DIT_FAST_FID_WEIGHTS": ""})
+    assert r.returncode == 0, r.stderr
+    expected = frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+    assert float(r.stdout.split("FID:")[1].split()[0]) == pytest.approx(expected, abs=1e-5)
+    # one file of images still needs them, and says so
+    np.savez(tmp_path / "img.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+    r = subprocess.run([sys.executable, "-m", "dit_fast.eval.fid", str(tmp_path / "a.npz"), str(tmp_path / "img.npz")],
+                       capture_output=True, text=True, timeout=120,
+                       env={**ENV, "DIT_FAST_CACHE": str(env_cache), "DIT_FAST_FID_WEIGHTS": ""})
+    one_error_line(r, "dit_fast.eval.fid", "--weights: no Inception weights at")

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from .._extras import MissingDependency, require
 from ..checkpoint import state_dict_mismatch
 from ..models.dit import DiT, DiT_configs, DiT_models, _check_config
 from . import distributed as dist_utils
@@ -216,6 +217,10 @@ def build_data(args: argparse.Namespace, device: torch.device, dataset=None) -> 
         if size not in (8, 16, 32):
             raise ValueError(f"--image-size must be 8, 16 or 32 with --dataset digits, got {size}")
         args.image_size = size
+        try:
+            require(["sklearn"], "demo", "--dataset digits")
+        except MissingDependency as e:
+            raise ValueError(str(e)) from None
         return _Data(DigitsDataset(size), None, 1.0, 1, size)
     if args.data_path is None:
         raise ValueError(f"--data-path is required with --dataset {kind}")
