@@ -6,10 +6,15 @@ Reads every layout a DiT user meets:
   are taken by default, as the official `sample.py` does);
 - safetensors files (ours carry the model configuration in their metadata);
 - state dicts saved from a DDP-wrapped (`module.`) or `torch.compile`d (`_orig_mod.`) model.
+
+A file that cannot be read (empty, truncated, foreign, a bad safetensors header or metadata) or does
+not fit the model raises ValueError with one line naming the file; a failed write raises OSError
+naming the file and the reason (e.g. "No space left on device") and leaves no temporary file.
 """
 import argparse
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -34,23 +39,73 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DIT_FAST_CACHE", Path.home() / ".cache" / "dit_fast"))
 
 
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's first line (torch's messages run on with advice)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text.split(". ")[0].rstrip(".") or type(e).__name__
+
+
+def io_reason(e: BaseException) -> str:
+    """The OS's reason behind a failed read/write (e.g. 'No space left on device'), else the first line."""
+    seen: Optional[BaseException] = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return _first_line(e)
+
+
+def torch_load(path: PathLike, what: str = "checkpoint", **kwargs):
+    """torch.load(path, map_location="cpu", weights_only=True) (the argparse.Namespace of official
+    train.py checkpoints allowed); any failure is one ValueError line naming `what` and the file."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{what} {path}: the file is empty")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{what} {path}: not a readable torch checkpoint (a foreign or corrupt file: it holds "
+                         f"data other than tensors and plain values)") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot read it: {io_reason(e)}") from None
+    except Exception as e:  # truncated zip archives, legacy-format garbage (KeyError), ...
+        raise ValueError(f"{what} {path}: not a readable torch checkpoint (truncated or corrupt?): "
+                         f"{type(e).__name__}: {_first_line(e)}") from None
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import safe_open
+
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path}: the file is empty")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as e:  # SafetensorError (no stable import path across versions), OSError
+        raise ValueError(f"checkpoint {path}: not a readable safetensors file: {io_reason(e)}") from None
+    out: dict = {"model": tensors}
+    if _CONFIG_KEY in metadata:
+        try:
+            config = json.loads(metadata[_CONFIG_KEY])
+        except ValueError as e:
+            raise ValueError(f"checkpoint {path}: its {_CONFIG_KEY!r} metadata is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"checkpoint {path}: its {_CONFIG_KEY!r} metadata must be a JSON object of DiT "
+                             f"arguments, got a {type(config).__name__}")
+        out["config"] = config
+    return out
+
+
 def _read(path: PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = f.metadata() or {}
-        out = {"model": tensors}
-        if _CONFIG_KEY in metadata:
-            out["config"] = json.loads(metadata[_CONFIG_KEY])
-        return out
-    # weights_only loading, with the argparse.Namespace that official train.py checkpoints hold.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return _read_safetensors(path)
+    obj = torch_load(path)
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (a state dict "
                          f"or a train.py checkpoint with 'model'/'ema')")
@@ -102,6 +157,8 @@ def infer_config(state_dict: Dict[str, torch.Tensor], num_heads: Optional[int] =
         out_features = state_dict["final_layer.linear.weight"].shape[0]
     except KeyError as e:
         raise ValueError(f"not a DiT state dict: missing {e.args[0]!r}") from None
+    except (AttributeError, IndexError):  # an entry of another rank than a DiT's
+        raise ValueError("not a DiT state dict: its embedding tensors have unexpected shapes") from None
     patch, in_channels = proj.shape[-1], proj.shape[1]
     depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
     if num_heads is None:
@@ -125,6 +182,32 @@ def infer_config(state_dict: Dict[str, torch.Tensor], num_heads: Optional[int] =
         class_dropout_prob=0.1, num_classes=table_rows - 1,
         learn_sigma=out_channels == 2 * in_channels, block=block,
     )
+
+
+def state_dict_mismatch(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    """One line describing why `state_dict` does not load strictly into `model` (None if it does):
+    missing and unexpected keys, and shape mismatches (load_state_dict's own message spans lines)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} is {tuple(state_dict[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+
+    def few(items, n=2):
+        return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+    parts = ([f"shape mismatch: {few(shapes, 1)}"] if shapes else []) + \
+            ([f"missing keys: {few(missing)}"] if missing else []) + \
+            ([f"unexpected keys: {few(unexpected)}"] if unexpected else [])
+    return "; ".join(parts) or None
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -> None:
+    """model.load_state_dict(state_dict, strict=True), with a mismatch reported as one ValueError line
+    that starts with `what` (e.g. "checkpoint PATH")."""
+    problem = state_dict_mismatch(model, state_dict)
+    if problem:
+        raise ValueError(f"{what} does not fit the model: {problem}")
+    model.load_state_dict(state_dict, strict=True)
 
 
 def _config_from_args(args) -> Optional[dict]:
@@ -172,24 +255,40 @@ def from_pretrained(name_or_path: PathLike, key: str = "ema", **overrides) -> Di
     state_dict = _clean(_select(raw, key), path)
     config = config or raw.get("config") or _config_from_args(raw.get("args"))
     if config is None:
-        config = infer_config(state_dict, overrides.get("num_heads"))
+        try:
+            config = infer_config(state_dict, overrides.get("num_heads"))
+        except ValueError as e:
+            raise ValueError(f"checkpoint {path}: {e}") from None
     config = {**config, **overrides}
-    model = DiT(**config)
-    model.load_state_dict(state_dict, strict=True)
+    try:
+        model = DiT(**config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint {path}: its model configuration is invalid: {_first_line(e)}") from None
+    load_state_dict_strict(model, state_dict, f"checkpoint {path}")
     return model.eval()
 
 
 def save_checkpoint(model: DiT, path: PathLike) -> None:
     """Write `model`'s weights atomically: safetensors (with the configuration in its metadata) when
-    `path` ends in .safetensors, else a torch plain state dict (the published checkpoints' layout)."""
+    `path` ends in .safetensors, else a torch plain state dict (the published checkpoints' layout).
+    A failed write raises OSError naming the file and the reason, and leaves no temporary file."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"save_checkpoint: {path} is a directory; pass a file path such as "
+                                f"{path / 'model.safetensors'}")
     tmp = path.with_name(path.name + ".tmp")
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file(state_dict, str(tmp), metadata={_CONFIG_KEY: json.dumps(model.config)})
-    else:
-        torch.save(state_dict, tmp)
-    os.replace(tmp, path)
+            save_file(state_dict, str(tmp), metadata={_CONFIG_KEY: json.dumps(model.config)})
+        else:
+            with open(tmp, "wb") as f:  # a file object: a full disk surfaces as OSError, not a zip-writer error
+                torch.save(state_dict, f)
+        os.replace(tmp, path)
+    except Exception as e:
+        raise OSError(f"cannot write checkpoint {path}: {io_reason(e)}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 

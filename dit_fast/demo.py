@@ -13,9 +13,13 @@
 Writes DIR/samples.npz (`arr_0`: uint8 N x H x W x 3 as the official FID dump, `labels`: N; with
 guidance), DIR/samples_unguided.npz, DIR/samples.png and DIR/samples_unguided.png (one row per class),
 DIR/loss.png, DIR/summary.json and the training run in DIR/run/ (checkpoints, metrics.jsonl, log.txt).
+
+Needs the [demo] extra (scikit-learn for the digits, Pillow for the PNGs, matplotlib for the loss
+plot), checked before anything runs.
 """
 import argparse
 import json
+import math
 import sys
 import time
 from functools import partial
@@ -25,6 +29,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from ._extras import MissingDependency, require
 from .eval import digits as D
 from .train.args import OneLineArgumentParser
 
@@ -62,6 +67,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def validate(args: argparse.Namespace) -> None:
+    for name in ("lr", "ema_decay", "cfg_scale"):
+        if not math.isfinite(getattr(args, name)):  # NaN passes every comparison below
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     for name in ("steps", "batch_size", "hidden_size", "depth", "num_heads", "patch_size", "samples_per_class",
                  "sampling_steps", "classifier_epochs", "log_every"):
         if getattr(args, name) < 1:
@@ -179,6 +191,10 @@ def plot_loss(metrics, path: Path) -> None:
 def run(args: argparse.Namespace) -> dict:
     """The whole demo; returns the summary written to OUT/summary.json."""
     validate(args)
+    try:
+        require(["sklearn", "PIL", "matplotlib"], "demo", "the demo")
+    except MissingDependency as e:
+        raise ValueError(str(e)) from None
     threads = args.threads or auto_threads()
     torch.set_num_threads(threads)
     out = Path(args.out)

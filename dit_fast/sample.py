@@ -20,11 +20,15 @@ Drop-in for facebookresearch/DiT's `sample.py` (same flags and defaults: --model
 With no --ckpt a randomly initialized model is used (with a warning). With --ckpt, the model's
 configuration is read from the checkpoint; --model, --image-size and --num-classes, when given,
 must agree with it. Bad input (a label outside the model's classes, a missing checkpoint or VAE,
-an image size the checkpoint doesn't fit, ...) ends with one error line naming the argument.
+an image size the checkpoint doesn't fit, a non-finite number, ...) ends with one error line naming
+the argument (exit status 2), before any sampling; so does a missing optional package (Pillow: the
+[sample] extra). A failed write (a full disk) is one error line too (exit status 1) and leaves no
+partial file.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -34,6 +38,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from ._extras import MissingDependency, require
 from .checkpoint import from_pretrained
 from .models.dit import DiT, DiT_configs, DiT_models
 
@@ -46,7 +51,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class CLIError(Exception):
-    """Bad command-line input: reported as one line, `<prog>: error: <message>`."""
+    """Bad command-line input: reported as one line, `<prog>: error: <message>`; exit status 2."""
+    status = 2
+
+
+class OutputError(CLIError):
+    """Writing an output failed (e.g. a full disk): one line, exit status 1; no partial file is left."""
+    status = 1
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -108,7 +119,7 @@ def load_model(model_name: Optional[str], image_size: Optional[int], num_classes
         msg = _first_line(e)
         if "num_heads" in msg:
             msg += " (use --num-heads)"
-        raise CLIError(f"--ckpt {ckpt}: cannot load a DiT from it: {msg}") from None
+        raise CLIError(f"--ckpt: {msg}" if str(ckpt) in msg else f"--ckpt {ckpt}: cannot load a DiT from it: {msg}") from None
     cfg = model.config
     if model_name is not None:
         want = DiT_configs[model_name]
@@ -155,8 +166,8 @@ def load_vae(vae: Optional[str], model: DiT, device: torch.device, default: str 
     try:
         from diffusers.models import AutoencoderKL
     except ImportError:
-        raise CLIError(f"--vae {vae}: decoding latents needs the 'diffusers' package (pip install diffusers), "
-                       f"or use --vae none") from None
+        raise CLIError(f"--vae {vae}: decoding latents needs the 'diffusers' package: pip install "
+                       f"'dit_fast[diffusers]' (or pip install diffusers), or use --vae none") from None
     try:
         with _quiet_hub():
             if local.is_file():
@@ -266,9 +277,33 @@ def make_grid(images: torch.Tensor, nrow: int = 4, padding: int = 2, value_range
 
 
 def save_png(array: np.ndarray, path: str) -> None:
+    """Write the PNG atomically: a failed write (OutputError) leaves no partial file at `path`."""
     from PIL import Image
 
-    Image.fromarray(array).save(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"--out {path}: cannot write the image: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_finite(args, *names: str) -> None:
+    """Each of args.<name> (a number or None) must be finite: NaN / inf pass every range check."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise CLIError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def validate_sampling_args(args) -> None:
+    """Checks of the flags shared by sample and sample_ddp that need no model (before any work)."""
+    check_finite(args, "cfg_scale", "step_cache")
+    if args.step_cache < 0:
+        raise CLIError(f"--step-cache must be >= 0, got {args.step_cache}")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -306,13 +341,14 @@ def build_sampling(args, model: DiT, device: torch.device):
     steps = args.num_sampling_steps if args.num_sampling_steps is not None else default_steps(args.sampler)
     if not 1 <= steps <= 1000:
         raise CLIError(f"--num-sampling-steps must be in [1, 1000], got {steps}")
+    if args.sampler == "ddpm" and steps < 2:
+        raise CLIError("--num-sampling-steps 1 with --sampler ddpm: ancestral sampling needs at least 2 steps; "
+                       "use --sampler ddim or dpm-solver++ for a single step")
     try:
-        sampler = make_sampler(args.sampler, steps, skip_type=args.skip_type)
+        sampler = make_sampler(args.sampler, steps, skip_type=args.skip_type, learn_sigma=model.learn_sigma)
     except ValueError as e:
         raise CLIError(f"--num-sampling-steps {steps} with --sampler {args.sampler}: {_first_line(e)}") from None
     args.guide_channels = resolve_guide_channels(args.guide_channels, model)
-    if args.step_cache < 0:
-        raise CLIError(f"--step-cache must be >= 0, got {args.step_cache}")
     if args.cuda_graph and device.type != "cuda":
         raise CLIError(f"--cuda-graph needs a CUDA device, got {device}")
     if args.step_cache > 0 and (args.compile or args.cuda_graph):
@@ -367,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = run(args, prog)
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return e.status
     print(f"Saved {out}")
     return 0
 
@@ -383,6 +419,11 @@ def run(args: argparse.Namespace, prog: str = "dit_fast.sample") -> str:
         raise CLIError(f"--out must name a .png file, got {args.out!r}")
     if args.nrow < 1:
         raise CLIError(f"--nrow must be positive, got {args.nrow}")
+    validate_sampling_args(args)
+    try:
+        require(["PIL"], "sample", "--out: writing the PNG")
+    except MissingDependency as e:
+        raise CLIError(str(e)) from None
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model = load_model(args.model, args.image_size, args.num_classes, args.ckpt, prog, args.num_heads)

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .sample import (DTYPES, CLIError, add_sampling_args, build_sampling, decode, has_null_class, is_latent,
-                     load_model, load_vae, model_fn, resolve_device, to_uint8)
+from .sample import (DTYPES, CLIError, OutputError, add_sampling_args, build_sampling, decode, has_null_class,
+                     is_latent, load_model, load_vae, model_fn, resolve_device, to_uint8, validate_sampling_args)
 
 PROG = "dit_fast.sample_ddp"
 
@@ -128,9 +128,15 @@ def _shard_ok(path: Path, n: int, image_shape) -> bool:
 
 
 def _write_npz_atomic(path: Path, **arrays) -> None:
+    """A failed write (OutputError, e.g. a full disk) leaves no partial file."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _prepare_folder(folder: Path, out: Path, meta: dict) -> None:
@@ -152,7 +158,11 @@ def _prepare_folder(folder: Path, out: Path, meta: dict) -> None:
             raise CLIError(f"--sample-dir: {str(folder)!r} holds shards sampled with other settings "
                            f"({', '.join(changed)} differ); remove it or choose another --sample-dir")
     else:
-        meta_path.write_text(json.dumps(meta, indent=1))
+        try:
+            meta_path.write_text(json.dumps(meta, indent=1))
+        except OSError as e:
+            meta_path.unlink(missing_ok=True)
+            raise OutputError(f"--sample-dir: cannot write {str(meta_path)!r}: {e.strerror or e}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -167,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 dist.destroy_process_group()
     except CLIError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return e.status
     if out is not None:
         print(f"Saved .npz file to {out}")
     return 0
@@ -183,6 +193,7 @@ def run(args, rank: int, world: int, device: torch.device, distributed: bool) ->
         raise CLIError(f"--per-proc-batch-size must be positive, got {args.per_proc_batch_size}")
     if args.num_fid_samples < 1:
         raise CLIError(f"--num-fid-samples must be positive, got {args.num_fid_samples}")
+    validate_sampling_args(args)
     if args.cfg_scale < 1.0:
         raise CLIError(f"--cfg-scale must be >= 1.0, got {args.cfg_scale}")
     torch.manual_seed(args.global_seed)   # a random model (no --ckpt) must be the same on every rank
@@ -215,13 +226,13 @@ def run(args, rank: int, world: int, device: torch.device, distributed: bool) ->
         try:
             _prepare_folder(folder, out, meta)
         except CLIError as e:
-            error = str(e)
+            error = e
     if distributed:      # every rank stops on rank 0's error instead of waiting at a barrier
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
-        raise CLIError(error)
+        raise error
 
     num_shards = math.ceil(args.num_fid_samples / n)
     mine = [k for k in range(rank, num_shards, world)]

@@ -98,9 +98,12 @@ def test_from_pretrained_plain_file_strict(tmp_path):
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 10])
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t, y), model.eval()(x, t, y), atol=0, rtol=0)
-    # an override that doesn't fit the weights fails loudly (strict loading)
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    # an override that doesn't fit the weights fails loudly (strict loading), in one line
+    with pytest.raises(ValueError, match=r"plain.pt does not fit the model: shape mismatch: \S+ is \(.*\) in the "
+                                         r"checkpoint, \(.*\) in the model \(\+\d+ more\)$"):
         from_pretrained(tmp_path / "plain.pt", num_heads=4, hidden_size=128)
+    with pytest.raises(ValueError, match=r"missing keys: blocks\.2\..*\(\+\d+ more\)"):
+        from_pretrained(tmp_path / "plain.pt", num_heads=4, depth=3)
 
 
 def test_published_names_use_the_download_path(tmp_path, monkeypatch):
@@ -155,3 +158,95 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(_model(depth=1), path)
     assert path.read_bytes() == before
+
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _safetensors_bytes(header: bytes, data: bytes = b"\0" * 8) -> bytes:
+    import struct
+    return struct.pack("<Q", len(header)) + header + data
+
+
+_T = b'"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("empty.pt", b"", "the file is empty"),
+    ("empty.safetensors", b"", "the file is empty"),
+    ("random.pt", bytes(range(256)) * 4, "not a readable torch checkpoint"),
+    ("text.pt", b"hello", "not a readable torch checkpoint"),
+    ("random.safetensors", bytes(range(256)) * 4, "not a readable safetensors file: "),
+    ("header.safetensors", _safetensors_bytes(b"{" + _T), "not a readable safetensors file: "),
+    ("meta.safetensors", _safetensors_bytes(b"{" + _T + b', "__metadata__": {"dit_config": "{bad"}}'),
+     "'dit_config' metadata is not valid JSON"),
+    ("list.safetensors", _safetensors_bytes(b"{" + _T + b', "__metadata__": {"dit_config": "[1]"}}'),
+     "'dit_config' metadata must be a JSON object of DiT arguments, got a list"),
+    ("types.safetensors", _safetensors_bytes(b"{" + _T + b', "__metadata__": {"dit_config": "{\\"depth\\": \\"x\\"}"}}'),
+     "its model configuration is invalid: depth must be a positive int"),
+])
+def test_unreadable_files_are_one_line_with_the_path(tmp_path, name, content, needle):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        from_pretrained(path)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"checkpoint {path}") and needle in msg, msg
+    assert info.value.__suppress_context__ or info.value.__context__ is None  # no chained traceback
+
+
+def test_truncated_checkpoints(tmp_path):
+    for suffix in (".pt", ".safetensors"):
+        full = tmp_path / f"full{suffix}"
+        save_checkpoint(_model(), full)
+        cut = tmp_path / f"cut{suffix}"
+        cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+        with pytest.raises(ValueError, match=f"checkpoint {cut}: not a readable"):
+            from_pretrained(cut)
+
+
+def test_save_onto_a_directory_leaves_nothing(tmp_path):
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(IsADirectoryError, match="adir is a directory"):
+        save_checkpoint(_model(), tmp_path / "adir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_disk_full_while_saving(tmp_path, monkeypatch, suffix):
+    # a write that runs out of space midway (as on a full disk): one OSError line, no temporary file
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    monkeypatch.setattr(builtins, "open", lambda p, m="r", *a, **k: Full(real_open(p, m, *a, **k))
+                        if "w" in m and str(p).endswith(".tmp") else real_open(p, m, *a, **k))
+    if suffix == ".safetensors":  # safetensors writes from Rust: fail its writer the same way
+        import safetensors.torch
+
+        def save_file(tensors, filename, metadata=None):
+            Full(real_open(filename, "wb")).write(b"x" * 2000)
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(_model(), tmp_path / f"m{suffix}")
+    assert str(info.value) == f"cannot write checkpoint {tmp_path / f'm{suffix}'}: No space left on device"
+    assert list(tmp_path.iterdir()) == []

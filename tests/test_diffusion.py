@@ -373,3 +373,59 @@ def test_shape_validation():
         d.p_mean_variance(lambda x, t: x, x, t)  # learned sigma needs 2C channels
     with pytest.raises(ValueError, match="noise"):
         d.p_sample_loop(model, (3, 2, 4, 4), noise=torch.zeros(3, 2, 4, 5))
+
+
+@pytest.mark.parametrize("bad", [-1, 1000, 25])
+def test_timesteps_out_of_range(bad):
+    # t = -1 used to wrap to the last step silently, and t = num_timesteps raised an IndexError
+    x = torch.zeros(2, 2, 4, 4)
+    model = lambda x, t, **kw: torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])  # noqa: E731
+    d = create_diffusion("" if bad != 25 else "25")
+    t = torch.tensor([0, bad])
+    T = d.num_timesteps
+    match = rf"t must hold timesteps in \[0, {T - 1}\] \(this diffusion has {T} steps\), got values in"
+    for call in (lambda: d.q_sample(x, t), lambda: d.training_losses(model, x, t),
+                 lambda: d.q_mean_variance(x, t), lambda: d.q_posterior_mean_variance(x, x, t),
+                 lambda: d.p_mean_variance(model, x, t), lambda: d.p_sample(model, x, t),
+                 lambda: d.ddim_sample(model, x, t)):
+        with pytest.raises(ValueError, match=match):
+            call()
+    d.q_sample(x, torch.tensor([0, T - 1]))  # the ends are fine
+
+
+def test_integer_respacing():
+    # an int is one section, like its string (the official code raises a TypeError)
+    assert create_diffusion(250).timestep_map == create_diffusion("250").timestep_map
+    assert space_timesteps(1000, np.int64(10)) == space_timesteps(1000, "10")
+    for bad in (True, 2.5, [10, 2.5]):
+        with pytest.raises(ValueError, match="timestep_respacing"):
+            create_diffusion(bad)
+
+
+def test_one_step_ancestral_sampling_refused_up_front():
+    d = create_diffusion("1")
+    calls = []
+
+    def model(x, t, **kw):
+        calls.append(1)
+        return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    match = "ancestral \\(DDPM\\) sampling needs a diffusion of at least 2 steps.*use DDIM"
+    with pytest.raises(ValueError, match=match):
+        d.p_sample_loop(model, (2, 2, 4, 4), device="cpu")
+    with pytest.raises(ValueError, match=match):
+        d.p_sample(model, torch.zeros(2, 2, 4, 4), torch.zeros(2, dtype=torch.long))
+    assert calls == []  # refused before any model call
+    # DDIM takes a single step
+    assert d.ddim_sample_loop(model, (2, 2, 4, 4), device="cpu").shape == (2, 2, 4, 4)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf")])
+def test_cfg_step_refuses_non_finite_scale(scale):
+    d = create_diffusion("10")
+    x = torch.zeros(2, 2, 4, 4)
+    out = torch.zeros(4, 4, 4, 4)
+    t = torch.zeros(2, dtype=torch.long)
+    for step in (d.p_sample_step_cfg, d.ddim_step_cfg):
+        with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+            step(out, x, t, torch.zeros_like(x), scale)

@@ -147,3 +147,86 @@ def test_training_errors_name_the_vae_and_image_size(vae_dir, image_folder, tmp_
     with pytest.raises(ValueError, match="--image-size 15 must be divisible by the VAE's downsampling factor 2"):
         train(make_args(**TINY_MODEL, data_path=str(image_folder), vae=str(vae_dir), image_size=15,
                         max_steps=1, results_dir=str(tmp_path / "r2")))
+
+
+def _train_cli(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    flags = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
+             "--global-batch-size", "4", "--device", "cpu", "--no-progress", "--log-every", "1"]
+    return subprocess.run([sys.executable, "-m", "dit_fast.train", *flags, *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+@pytest.fixture
+def folder_with_a_bad_image(image_folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "images"
+    shutil.copytree(image_folder, root)
+    (root / "cat" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)   # a truncated download
+    return root
+
+
+def test_an_unreadable_image_stops_training_with_one_line(vae_dir, folder_with_a_bad_image, tmp_path):
+    r = _train_cli("--data-path", folder_with_a_bad_image, "--vae", vae_dir, "--image-size", IMAGE_SIZE,
+                   "--max-steps", "3", "--num-workers", "1", "--results-dir", tmp_path / "run")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(err) == 1, r.stderr
+    assert err[0].startswith(f"python -m dit_fast.train: error: cannot read image {folder_with_a_bad_image}/cat/2.png")
+    assert "pass --skip-bad-images" in err[0] and "training stopped at step" in err[0]
+
+
+def test_skip_bad_images_counts_them(vae_dir, folder_with_a_bad_image, tmp_path):
+    import os
+
+    run = tmp_path / "run"
+    r = _train_cli("--data-path", folder_with_a_bad_image, "--vae", vae_dir, "--image-size", IMAGE_SIZE,
+                   "--max-steps", "5", "--num-workers", "1", "--skip-bad-images", "--results-dir", run)
+    assert r.returncode == 0, r.stderr
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    # as often as the sampler asked for the bad image in those 5 steps of 4
+    from dit_fast.train import TrainSampler
+
+    ds = ImageFolder(folder_with_a_bad_image, IMAGE_SIZE, skip_bad=True)
+    bad = [i for i, (p, _) in enumerate(ds.samples) if p.endswith(f"cat{os.sep}2.png")][0]
+    sampler, asked = TrainSampler(ds, 1, 0, 0, 4), []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        asked += [k.index for k in sampler]
+    assert asked[:20].count(bad) >= 1
+    assert metrics[-1]["skipped_images"] == asked[:20].count(bad)
+    log = (run / "log.txt").read_text()
+    assert f"unreadable image(s) so far (replaced by the next readable one; latest: " \
+           f"{folder_with_a_bad_image}/cat/2.png)" in log
+
+
+def test_skip_bad_images_replaces_by_the_next_readable(folder_with_a_bad_image):
+    ds = ImageFolder(folder_with_a_bad_image, IMAGE_SIZE, skip_bad=True)
+    bad = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("2.png") and "/cat/" in p][0]
+    x, label, skipped = ds[SampleKey(bad, 0, 0)]
+    x_next, label_next, none = ds[SampleKey(bad + 1, 0, 0)]
+    assert torch.equal(x, x_next) and label == label_next and none == ""
+    assert skipped == ds.samples[bad][0]
+
+
+def test_truncated_latents_shard_is_named(vae_dir, image_folder, tmp_path):
+    out = tmp_path / "lat"
+    assert extract_main(["--data-path", str(image_folder), "--out", str(out), "--image-size", str(IMAGE_SIZE),
+                         "--vae", str(vae_dir), "--batch-size", "4", "--shard-size", "4", "--num-workers", "0",
+                         "--device", "cpu"]) == 0
+    shard = out / "shard-r000-00001.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    r = _train_cli("--data-path", out, "--max-steps", "1", "--num-workers", "0", "--results-dir", tmp_path / "run")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert f"error: latents shard {shard}: not a readable torch checkpoint (truncated or corrupt?)" in err[0]
+    assert "re-run dit_fast.extract_latents" in err[0]
+    assert not (tmp_path / "run").exists()             # refused before the run started

@@ -269,3 +269,55 @@ def test_odd_batch_with_cfg(tiny):
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DiT(**{**TINY, **kwargs})
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
+def test_small_integer_labels_refused(tiny, dtype):
+    # F.embedding takes int64/int32 only: refused by the label check, not inside the lookup
+    x, t, _ = _inputs(2)
+    with pytest.raises(ValueError, match=rf"torch.int64 or torch.int32, got {dtype} \(use y.long\(\)\)"):
+        tiny(x, t, torch.tensor([1, 2], dtype=dtype))
+
+
+def test_int32_labels(tiny):
+    x, t, _ = _inputs(2)
+    y = torch.tensor([1, 2])
+    torch.testing.assert_close(tiny(x, t, y.int()), tiny(x, t, y))
+
+
+def test_cfg_empty_batch(tiny):
+    x, t, y = _inputs(2)
+    out = tiny.forward_with_cfg(x[:0], t[:0], y[:0], 4.0)
+    assert out.shape == (0, 8, 8, 8)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_cfg_scale_non_finite(tiny, scale):
+    x, t, y = _inputs(2)
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+        tiny.forward_with_cfg(x, t, y, scale)
+
+
+@pytest.mark.parametrize("x_dtype, model_dtype", [(torch.bfloat16, torch.float32), (torch.float64, torch.float32),
+                                                  (torch.float32, torch.bfloat16)])
+def test_input_dtype_mismatch_names_both(x_dtype, model_dtype):
+    model = DiT(**TINY).eval().to(model_dtype)
+    x, t, y = _inputs(2)
+    with pytest.raises(ValueError, match=rf"x has dtype {x_dtype} but the model's parameters are {model_dtype}"):
+        model(x.to(x_dtype), t, y)
+    with pytest.raises(ValueError, match="floating-point"):
+        model(x.to(torch.int64), t, y)
+
+
+@pytest.mark.parametrize("x_dtype, model_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_input_dtype_mismatch_under_autocast(x_dtype, model_dtype):
+    # as the official model (whose conv autocasts any input): under autocast every input dtype runs,
+    # and gives the output of a matching input (x is bf16-representable, so the casts are exact)
+    model = _perturbed(DiT(**TINY)).eval().to(model_dtype)
+    x, t, y = _inputs(2)
+    x = x.bfloat16().float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x.to(x_dtype), t, y)
+        ref = model(x.to(model_dtype), t, y)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -421,3 +422,74 @@ def test_ddp_two_cpu_processes(tmp_path):
                          env=_env(), capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     assert [r["loss"] for r in read_metrics(tmp_path / "resumed")] == [records[2]["loss"]]
+
+
+# --------------------------------------------------------------------------- errors met through the CLI
+
+def _train_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "dit_fast.train", *TINY_FLAGS, *map(str, args)], env=_env(),
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_resume_with_another_width_is_one_full_line(reference, tmp_path):
+    r = _train_cli("--resume", reference / "checkpoints" / "0000010.pt", "--hidden-size", "64", "--max-steps", "12",
+                   "--results-dir", tmp_path / "run")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert "the checkpoint does not match this model configuration (depth 1, width 64, patch 4): shape mismatch: " \
+           "pos_embed is (1, 4, 32) in the checkpoint, (1, 4, 64) in the model (+" in err[0]
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--weight-decay", "nan"),
+                                         ("--ema-decay", "nan"), ("--mlp-ratio", "inf")])
+def test_non_finite_hyperparameters_are_refused(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([flag, value, "--dataset", "digits", "--results-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"{flag} must be a finite number, got {value}" in err[0]
+
+
+def test_nan_between_log_steps_names_its_step_and_saves_nothing_after(tmp_path):
+    """Losses are read back at log / checkpoint steps only (no host sync per step): a NaN at step 4 is
+    found at step 6, before its update; no checkpoint holds the weights updated since."""
+    run = tmp_path / "run"
+    args = make_args(**{**TINY, "dataset": "auto", "log_every": 3}, num_classes=10, max_steps=12, ckpt_every=2,
+                     results_dir=str(run))
+    args.ckpt_every = 6
+    with pytest.raises(TrainingError, match=r"loss is nan at step 4 \(epoch 0\); training stopped at step 6 .*saving "
+                                            r"no weights updated since \(no checkpoint was written yet\)"):
+        train(args, dataset=_NaNAfter(good=1 + 3 * 8))
+    assert list_checkpoints(run / "checkpoints") == []
+    assert [m["step"] for m in read_metrics(run)] == [3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter (needs a GPU)")
+def test_no_host_sync_between_log_steps_on_cuda(tmp_path, monkeypatch):
+    syncs = []
+    real = torch.Tensor.__int__
+
+    def counted(self):
+        syncs.append(self.device.type)
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "__int__", counted)
+    train(make_args(**{**TINY, "device": "cuda", "log_every": 5}, max_steps=10, ckpt_every=10,
+                    results_dir=str(tmp_path / "run")))
+    assert syncs.count("cuda") == 2          # the non-finite checks of steps 5 and 10
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or sys.platform != "linux", reason="needs unshare (Linux)")
+def test_disk_full_while_checkpointing_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    cmd = " ".join([sys.executable, "-m", "dit_fast.train", *TINY_FLAGS, "--max-steps", "2", "--ckpt-every", "2",
+                    "--results-dir", str(run)])
+    # a private 128 KiB tmpfs: room for the logs, not for a checkpoint
+    script = f"mount -t tmpfs -o size=128k tmpfs {run} && {cmd}; echo status=$?; ls -A {run}/checkpoints"
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=_env(), timeout=300)
+    if "mount:" in r.stderr or "unshare:" in r.stderr:
+        pytest.skip("no user mount namespace here")
+    assert r.stdout.strip().splitlines()[-1] == "status=1", (r.stdout, r.stderr)   # no checkpoint, no temporary
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m dit_fast.train: error: cannot write checkpoint "), r.stderr
+    assert "0000002.pt: No space left on device; training stopped at step 2" in err[0]

@@ -28,7 +28,7 @@ __all__ = [
 
 
 def create_diffusion(
-    timestep_respacing: Optional[Union[str, Sequence[int]]],
+    timestep_respacing: Optional[Union[str, int, Sequence[int]]],
     noise_schedule: str = "linear",
     use_kl: bool = False,
     sigma_small: bool = False,
@@ -40,7 +40,7 @@ def create_diffusion(
     """Build the diffusion used by DiT.
 
     :param timestep_respacing: "" or None for all `diffusion_steps` steps; otherwise a respacing
-        such as "250", "ddim50" or "10,10,10" (see `space_timesteps`).
+        such as "250" (or 250), "ddim50" or "10,10,10" (see `space_timesteps`).
     :param noise_schedule: "linear" or "squaredcos_cap_v2" (cosine).
     :param use_kl: train on the (rescaled) variational bound instead of the MSE.
     :param sigma_small: with fixed variance, use the posterior variance instead of beta_t.

@@ -265,6 +265,26 @@ class GaussianDiffusion:
             raise ValueError(f"{name} must have shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"{name} must hold integer timesteps, got dtype {t.dtype}")
+        if batch == 0 or torch.compiler.is_compiling():
+            return
+        T = self.num_timesteps
+        if t.device.type == "cpu":
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= T:
+                raise ValueError(f"{name} must hold timesteps in [0, {T - 1}] (this diffusion has {T} steps), "
+                                 f"got values in [{lo}, {hi}]")
+        else:  # no host sync per call (the training loop's t lives here): a device-side assertion
+            torch._assert_async(((t >= 0) & (t < T)).all(), f"{name} must hold timesteps in [0, {T - 1}]")
+
+    def _check_ancestral(self) -> None:
+        if self.num_timesteps < 2:
+            raise ValueError(f"ancestral (DDPM) sampling needs a diffusion of at least 2 steps (the posterior "
+                             f"variance is undefined for {self.num_timesteps}); use DDIM for a single step")
+
+    @staticmethod
+    def _check_cfg_scale(cfg_scale: Any) -> None:
+        if isinstance(cfg_scale, (int, float)) and not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
 
     @staticmethod
     def _check_same_shape(a: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
@@ -525,6 +545,7 @@ class GaussianDiffusion:
     ) -> Dict[str, torch.Tensor]:
         """One ancestral (DDPM) update from the raw model output:
         x_0 prediction -> posterior mean, model (learned-range) variance -> x_{t-1}."""
+        self._check_ancestral()
         if self._fused_step_applies(model_output, x, t, noise, denoised_fn, ddim=False):
             from ..ops import sampler_step as ss
 
@@ -576,6 +597,8 @@ class GaussianDiffusion:
         (2N, ...), conditional half first; x, t, noise are the N conditional samples. Equals
         ``forward_with_cfg`` + `p_sample` on the first half (guide_channels: 3 = official, or "all"),
         with the guidance combine fused into the step kernel."""
+        self._check_ancestral()
+        self._check_cfg_scale(cfg_scale)
         self._check_t(t, x.shape[0])
         self._check_cfg_output(model_output, x)
         g = self._resolve_guide_channels(guide_channels, x)
@@ -601,6 +624,7 @@ class GaussianDiffusion:
         eta: float = 0.0,
     ) -> Dict[str, torch.Tensor]:
         """`p_sample_step_cfg` for DDIM."""
+        self._check_cfg_scale(cfg_scale)
         self._check_t(t, x.shape[0])
         self._check_cfg_output(model_output, x)
         g = self._resolve_guide_channels(guide_channels, x)
@@ -675,6 +699,7 @@ class GaussianDiffusion:
         model_kwargs: Optional[Dict[str, Any]] = None,
     ) -> Dict[str, torch.Tensor]:
         """Sample x_{t-1} ~ p(x_{t-1} | x_t). Returns {'sample', 'pred_xstart'}."""
+        self._check_ancestral()
         if cond_fn is None and self._uses_stock_p_mean_variance():
             self._check_t(t, x.shape[0])
             model_output = self._wrap_model(model)(x, t, **(model_kwargs or {}))
@@ -789,6 +814,7 @@ class GaussianDiffusion:
         progress: bool = False,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """Like p_sample_loop(), but yield each step's p_sample() output."""
+        self._check_ancestral()  # now, not at the first step
         return self._progressive(
             lambda img, t: self.p_sample(model, img, t, clip_denoised=clip_denoised,
                                          denoised_fn=denoised_fn, cond_fn=cond_fn,

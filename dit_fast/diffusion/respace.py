@@ -32,8 +32,11 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]
     The process is cut into ``len(section_counts)`` equal portions and portion i is strided down to
     ``section_counts[i]`` steps, e.g. 300 steps with [10, 15, 20] -> 10 steps from the first 100,
     15 from the second, 20 from the last. `section_counts` may also be a comma-separated string
-    ("250", "10,10,10") or "ddimN", which uses the DDIM paper's fixed integer stride (one section).
+    ("250", "10,10,10") or "ddimN", which uses the DDIM paper's fixed integer stride (one section),
+    or an int (one section: 250 is "250").
     """
+    if isinstance(section_counts, (int, np.integer)) and not isinstance(section_counts, bool):
+        section_counts = [int(section_counts)]
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             try:
@@ -49,7 +52,13 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]
                 "with an integer stride"
             )
         section_counts = _parse_section_counts(section_counts)
-    section_counts = list(section_counts)
+    try:
+        section_counts = list(section_counts)
+    except TypeError:
+        raise ValueError(f"section_counts must be an int, a string like '250', '10,10,10' or 'ddim50', or a "
+                         f"sequence of ints, got {type(section_counts).__name__}") from None
+    if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in section_counts):
+        raise ValueError(f"section_counts must hold integers, got {section_counts}")
     if not section_counts:
         raise ValueError("section_counts must name at least one section")
     if any(c < 0 for c in section_counts):

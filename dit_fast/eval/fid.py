@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._extras import require
+
 __all__ = [
     "frechet_distance", "FeatureStatistics", "feature_statistics", "FIDInceptionV3", "load_inception",
     "inception_features", "default_weights_path", "precision_recall", "main",
@@ -474,7 +476,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise _Error(f"--device: unknown device {args.device!r}") from None
         a = _load_npz(args.npz[0], "first .npz")
         b = _load_npz(args.npz[1], "second .npz")
-        if args.features == "inception":
+        use_stored = not args.recompute
+        stored = [use_stored and "mu" in d and "sigma" in d and not args.precision_recall for d in (a, b)]
+        if all(stored):  # both are statistics: no network, no weights
+            feature_fn = None
+        elif args.features == "inception":
             try:
                 net = load_inception(args.weights, device)
             except (FileNotFoundError, ValueError) as e:
@@ -484,12 +490,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if "arr_0" not in a:
                 raise _Error("--features digits: the first .npz has no arr_0 images")
             try:
+                require(["sklearn"], "demo", "the digits classifier")
                 feature_fn = digits_features(a["arr_0"].shape[1])
             except ImportError as e:
                 raise _Error(f"--features digits: {e}") from None
             except ValueError as e:
                 raise _Error(f"--features digits: {e}") from None
-        use_stored = not args.recompute
         mu1, s1, f1 = _stats_for(a, "first .npz", feature_fn, args.batch_size, args.precision_recall,
                                  args.num_samples, use_stored)
         mu2, s2, f2 = _stats_for(b, "second .npz", feature_fn, args.batch_size, args.precision_recall,

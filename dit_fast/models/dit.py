@@ -509,6 +509,9 @@ class DiT(nn.Module):
         """Tokens (N, T, D) (+ the t and y tokens in-context), the conditioning c ((N, D); (N, 2, D)
         for cross-attention; None in-context) and the number of image tokens T."""
         with nvtx.range("dit.embed"):
+            w = self.x_embedder.proj.weight
+            if x.dtype != w.dtype and torch.is_autocast_enabled(x.device.type):
+                x = x.to(w.dtype)                # as the official conv under autocast: any input dtype
             # x_embedder(x) + pos_embed as one GEMM + epilogue
             x = patch_embed(x, self.x_embedder.proj.weight, self.x_embedder.proj.bias,
                             self.pos_embed, self.patch_size)  # (N, T, D), where T = H * W / patch_size ** 2
@@ -575,6 +578,8 @@ class DiT(nn.Module):
         if x.dim() >= 1 and x.shape[0] % 2:
             raise ValueError(f"forward_with_cfg: x must have an even batch (conditional half + "
                              f"unconditional half), got batch {x.shape[0]}")
+        if isinstance(cfg_scale, (int, float)) and not math.isfinite(cfg_scale):
+            raise ValueError(f"forward_with_cfg: cfg_scale must be a finite number, got {cfg_scale}")
         if guide_channels == "all":
             guide_channels = self.in_channels
         elif not (isinstance(guide_channels, int) and 0 < guide_channels <= self.in_channels):
@@ -587,7 +592,7 @@ class DiT(nn.Module):
         # By default, we only apply classifier-free guidance to three channels, as the official
         # release does. To apply it to all latent channels, pass guide_channels="all".
         eps, rest = model_out[:, :guide_channels], model_out[:, guide_channels:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        cond_eps, uncond_eps = eps[: len(eps) // 2], eps[len(eps) // 2:]  # (an empty batch stays empty)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
@@ -598,6 +603,12 @@ class DiT(nn.Module):
             raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         N, C, H, W = x.shape
+        dtype = self.x_embedder.proj.weight.dtype
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"x has dtype {x.dtype} but the model's parameters are {dtype}: cast x "
+                             f"(x.to({dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
         if C != self.in_channels:
             raise ValueError(f"x must have in_channels={self.in_channels} channels, got {C} "
                              f"(x.shape={tuple(x.shape)})")
@@ -613,11 +624,14 @@ class DiT(nn.Module):
         if not isinstance(y, torch.Tensor) or y.shape != (N,):
             raise ValueError(f"y must be a tensor of shape ({N},) (one class label per sample), got "
                              f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
-        if y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
-        if not _is_tracing() and N > 0:
+        if y.dtype not in (torch.int64, torch.int32):  # what the embedding lookup takes
+            raise ValueError(f"y must hold integer class labels of dtype torch.int64 or torch.int32, got {y.dtype}"
+                             + ("" if y.dtype.is_floating_point or y.dtype == torch.bool else " (use y.long())"))
+        top = self.y_embedder.embedding_table.num_embeddings - 1
+        if not _is_tracing() and N > 0 and y.device.type != "cpu":  # no host sync per forward on a GPU
+            torch._assert_async(((y >= 0) & (y <= top)).all(), f"y must hold labels in [0, {top}]")
+        elif not _is_tracing() and N > 0:
             lo, hi = int(y.min()), int(y.max())
-            top = self.y_embedder.embedding_table.num_embeddings - 1
             if lo < 0 or hi > top:
                 raise ValueError(f"y must hold labels in [0, {self.num_classes - 1}]"
                                  + (f" or the null class {self.num_classes}" if top == self.num_classes else "")

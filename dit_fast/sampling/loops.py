@@ -96,10 +96,11 @@ class _DPMStepper:
 
 
 def make_sampler(name: str, num_steps: Optional[int] = None, *, eta: float = 0.0, skip_type: str = "time_uniform",
-                 noise_schedule: str = "linear", diffusion_steps: int = 1000):
+                 noise_schedule: str = "linear", diffusion_steps: int = 1000, learn_sigma: bool = True):
     """A stepper by name: "ddpm" (create_diffusion(str(num_steps)) + p_sample), "ddim" (the same
     respacing + ddim_sample, eta), "dpm-solver++" (DPM-Solver++(2M), skip_type) or "sde-dpm-solver++"
-    (its stochastic variant)."""
+    (its stochastic variant). learn_sigma: the model outputs a variance too (DiT's default); False
+    gives ddpm the fixed variance of create_diffusion(learn_sigma=False)."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
     if num_steps is None:
@@ -110,7 +111,8 @@ def make_sampler(name: str, num_steps: Optional[int] = None, *, eta: float = 0.0
         return _DPMStepper(create_dpm_solver(num_steps, noise_schedule=noise_schedule,
                                              diffusion_steps=diffusion_steps, skip_type=skip_type,
                                              sde=name.startswith("sde")))
-    diffusion = create_diffusion(str(num_steps), noise_schedule=noise_schedule, diffusion_steps=diffusion_steps)
+    diffusion = create_diffusion(str(num_steps), noise_schedule=noise_schedule, diffusion_steps=diffusion_steps,
+                                 learn_sigma=learn_sigma)
     return DiffusionStepper(diffusion, kind=name, eta=eta)
 
 

@@ -5,6 +5,7 @@ The official train.py flags keep their names and defaults (--data-path, --result
 --log-every, --ckpt-every); the rest are additions.
 """
 import argparse
+import math
 import os
 import sys
 from typing import List, Optional, Sequence, Set, Tuple
@@ -39,6 +40,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d.add_argument("--vae", type=str, default="ema",
                    help="'ema' / 'mse' (stabilityai/sd-vae-ft-*), a diffusers hub id, or a local "
                         "AutoencoderKL directory; unused with latents or digits")
+    d.add_argument("--skip-bad-images", action="store_true",
+                   help="ImageFolder data: replace an unreadable image by the next readable one (counted in the "
+                        "log and metrics.jsonl) instead of stopping")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", type=str, default="DiT-XL/2", help="a DiT_models name, e.g. DiT-S/2")
@@ -104,6 +108,10 @@ def explicit_keys(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Set[s
 
 def validate(args: argparse.Namespace, custom_dataset: bool = False) -> None:
     """Checks that need no data or model; raise ValueError naming the argument."""
+    for name in ("lr", "weight_decay", "ema_decay", "class_dropout_prob", "mlp_ratio"):
+        value = getattr(args, name, None)
+        if value is not None and not math.isfinite(value):  # NaN passes every comparison below
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("epochs", "global_batch_size", "log_every", "ckpt_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -111,6 +119,8 @@ def validate(args: argparse.Namespace, custom_dataset: bool = False) -> None:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.mlp_ratio is not None and args.mlp_ratio <= 0:
+        raise ValueError(f"--mlp-ratio must be positive, got {args.mlp_ratio}")
     if args.keep_last < 0:
         raise ValueError(f"--keep-last must be >= 0, got {args.keep_last}")
     if args.num_classes is not None and args.num_classes < 1:

@@ -70,17 +70,32 @@ def preprocess(img, image_size: int, flip: bool) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- datasets
 
+class BadImageError(ValueError):
+    """An image file that cannot be read. Re-raised from a DataLoader worker, the message is cut back
+    to the original one line (the worker's traceback is dropped)."""
+
+    def __init__(self, message: str = ""):
+        prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+        last = message.strip().splitlines()[-1] if message.strip() else ""
+        super().__init__(last[len(prefix):] if "Original Traceback" in message and last.startswith(prefix)
+                         else message)
+
+
 class ImageFolder(Dataset):
     """root/<class>/**/<image>, as torchvision's ImageFolder reads it (classes sorted by name,
-    files sorted, symlinks followed), with the official DiT preprocessing. Items: (image, label)."""
+    files sorted, symlinks followed), with the official DiT preprocessing. Items: (image, label).
+
+    An unreadable image raises BadImageError naming the file; with skip_bad=True it is replaced by
+    the next readable image (in file order, so the data stays a function of the sample key) and items
+    are (image, label, skipped), skipped being the unreadable files met (os.pathsep-joined, or "")."""
 
     accepts_sample_key = True
 
-    def __init__(self, root, image_size: int, flip: bool = True):
+    def __init__(self, root, image_size: int, flip: bool = True, skip_bad: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"--data-path {str(root)!r} is not a directory")
-        self.root, self.image_size, self.flip = root, int(image_size), flip
+        self.root, self.image_size, self.flip, self.skip_bad = root, int(image_size), flip, skip_bad
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         if not self.classes:
             raise ValueError(f"--data-path {str(root)!r} has no class folders (expected root/<class>/<images>)")
@@ -106,14 +121,30 @@ class ImageFolder(Dataset):
         from PIL import Image
 
         path, label = self.samples[index]
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                img.load()
+                img = img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise BadImageError(f"cannot read image {path}: {e} (pass --skip-bad-images to skip unreadable "
+                                f"images)") from None
         return preprocess(img, self.image_size, flip and self.flip), label
 
-    def __getitem__(self, key) -> Tuple[torch.Tensor, int]:
+    def __getitem__(self, key):
         key = _as_key(key)
-        return self.load(key.index, bool(key.flip))
+        if not self.skip_bad:
+            return self.load(key.index, bool(key.flip))
+        bad = []
+        for k in range(len(self.samples)):
+            index = (key.index + k) % len(self.samples)
+            try:
+                x, label = self.load(index, bool(key.flip))
+            except BadImageError:
+                bad.append(self.samples[index][0])
+                continue
+            return x, label, os.pathsep.join(bad)
+        raise BadImageError(f"--data-path {str(self.root)!r}: none of its {len(self.samples)} images can be read")
 
 
 class LatentDataset(Dataset):
@@ -144,6 +175,26 @@ class LatentDataset(Dataset):
         self.sizes = [int(s["num"]) for s in meta["shards"]]
         self.offsets = np.cumsum([0] + self.sizes).tolist()
         self._shards: Optional[List[dict]] = None
+        for f, n in zip(self.shard_files, self.sizes):  # before training starts: memory-mapping reads no data
+            self._check_shard(self._open(f), f, n)
+
+    @staticmethod
+    def _open(f: Path) -> dict:
+        from ..checkpoint import torch_load
+
+        try:
+            return torch_load(f, "latents shard", mmap=True)
+        except ValueError as e:
+            raise ValueError(f"{e} (re-run dit_fast.extract_latents)") from None
+
+    def _check_shard(self, shard, f: Path, n: int) -> None:
+        lat = shard.get("latents") if isinstance(shard, dict) else None
+        labels = shard.get("labels") if isinstance(shard, dict) else None
+        if not isinstance(lat, torch.Tensor) or not isinstance(labels, torch.Tensor) or lat.shape[0] != n \
+                or labels.shape != (n,):
+            raise ValueError(f"latents shard {f}: expected {n} latents and labels (as meta.json says), got "
+                             f"{tuple(lat.shape) if isinstance(lat, torch.Tensor) else type(lat).__name__}; "
+                             f"re-run dit_fast.extract_latents")
 
     @property
     def num_classes(self) -> int:
@@ -162,8 +213,7 @@ class LatentDataset(Dataset):
 
     def _load(self) -> List[dict]:
         if self._shards is None:  # lazily, in each worker: the mmap is shared, never pickled
-            self._shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-                            for f in self.shard_files]
+            self._shards = [self._open(f) for f in self.shard_files]
         return self._shards
 
     def __getitem__(self, key) -> Tuple[torch.Tensor, int]:

@@ -5,7 +5,6 @@ needs (`step`, `epoch`, `rng` per rank, `data`, `config`). Everything in it is a
 Python value or the argparse.Namespace of the run, so it loads with torch.load(weights_only=True)
 (dit_fast.checkpoint reads the `ema`/`model` weights and the `config` of it).
 """
-import argparse
 import os
 import random
 import re
@@ -14,6 +13,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from ..checkpoint import io_reason, torch_load
 
 FORMAT = "dit_fast.train/1"
 CKPT_DIR = "checkpoints"
@@ -36,6 +37,8 @@ def atomic_save(obj: Any, path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:  # a full disk: torch's zip writer fails first, then the file's close
+        raise OSError(f"cannot write checkpoint {path}: {io_reason(e)}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -103,11 +106,7 @@ def run_dir_of(ckpt: Path) -> Path:
 
 def load(path) -> Dict[str, Any]:
     """Read a training checkpoint with weights_only=True (the run's argparse.Namespace allowed)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file: say which
-            raise ValueError(f"--resume: cannot read checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from None
+    obj = torch_load(path, "--resume: checkpoint")  # a truncated or foreign file: one line naming it
     missing = [k for k in ("model", "ema", "opt", "args", "step") if k not in obj] if isinstance(obj, dict) else ["*"]
     if missing:
         raise ValueError(f"--resume: {str(path)!r} is not a resumable training checkpoint "

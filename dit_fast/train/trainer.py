@@ -6,12 +6,17 @@ seed global_seed * world_size + rank, uniform timesteps, `diffusion.training_los
 checkpoints {model, ema, opt, args}.
 Added: pre-extracted latents and pixel-space data, bf16 autocast, gradient checkpointing, metrics
 all-reduced over ranks, atomic rotating checkpoints, bit-exact resume (model, EMA, optimizer, step,
-per-rank RNG states and data position), a stop with a clear message on a non-finite loss.
+per-rank RNG states and data position), a stop with a clear message on a non-finite loss,
+--skip-bad-images for ImageFolder data.
+
+The loop reads nothing back from the device between sync points (log steps, checkpoint steps and the
+last step): losses are summed on the device, with the step of the first non-finite loss; at a sync
+point a non-finite loss stops training before that step's update, naming the step where it first
+appeared, and no weights updated after it are ever saved.
 """
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -24,11 +29,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from .._extras import MissingDependency, require
+from ..checkpoint import state_dict_mismatch
 from ..models.dit import DiT, DiT_configs, DiT_models, _check_config
 from . import distributed as dist_utils
 from . import state as ckpt_state
 from .args import validate
-from .data import (DigitsDataset, ImageFolder, LatentDataset, TrainSampler, is_latents_dir, keyed,
+from .data import (BadImageError, DigitsDataset, ImageFolder, LatentDataset, TrainSampler, is_latents_dir, keyed,
                    label_count, split_batch)
 from .ema import make_ema, update_ema
 
@@ -210,6 +217,10 @@ def build_data(args: argparse.Namespace, device: torch.device, dataset=None) -> 
         if size not in (8, 16, 32):
             raise ValueError(f"--image-size must be 8, 16 or 32 with --dataset digits, got {size}")
         args.image_size = size
+        try:
+            require(["sklearn"], "demo", "--dataset digits")
+        except MissingDependency as e:
+            raise ValueError(str(e)) from None
         return _Data(DigitsDataset(size), None, 1.0, 1, size)
     if args.data_path is None:
         raise ValueError(f"--data-path is required with --dataset {kind}")
@@ -226,10 +237,23 @@ def build_data(args: argparse.Namespace, device: torch.device, dataset=None) -> 
     from .vae import load_vae, vae_geometry, vae_scale
 
     args.image_size = args.image_size or 256
-    ds = ImageFolder(args.data_path, args.image_size)
+    ds = ImageFolder(args.data_path, args.image_size, skip_bad=bool(getattr(args, "skip_bad_images", False)))
     vae = load_vae(args.vae, device)
     channels, size = vae_geometry(vae, args.image_size)
     return _Data(ds, vae, vae_scale(vae), channels, size)
+
+
+def _batches(loader, step_now):
+    """The loader's batches; an unreadable image stops training with one line naming the file."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except BadImageError as e:
+            raise TrainingError(f"{e}; training stopped at step {step_now() + 1}") from None
+        yield batch
 
 
 # --------------------------------------------------------------------------- training
@@ -322,13 +346,18 @@ def _run(args, ctx: dist_utils.DistContext, dataset, resume: Optional[dict], not
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step = 0
     if resume is not None:
+        problem = state_dict_mismatch(model, resume["model"])
+        if problem:
+            raise ValueError(f"--resume {args.resume!r}: the checkpoint does not match this model configuration "
+                             f"(depth {config['depth']}, width {config['hidden_size']}, patch "
+                             f"{config['patch_size']}): {problem}")
         try:
             model.load_state_dict(resume["model"], strict=True)
             ema.load_state_dict(resume["ema"], strict=True)
             opt.load_state_dict(resume["opt"])
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"--resume {args.resume!r}: the checkpoint does not match this model "
-                             f"configuration: {str(e).splitlines()[0]}") from None
+                             f"configuration: {' '.join(str(e).split())}") from None
         for group in opt.param_groups:   # the arguments of this run win over the saved hyperparameters
             group["lr"], group["weight_decay"] = args.lr, args.weight_decay
         step = int(resume["step"])
@@ -419,7 +448,11 @@ def _run(args, ctx: dist_utils.DistContext, dataset, resume: Optional[dict], not
                 "rng": rngs,
                 "format": ckpt_state.FORMAT,
             }
-            ckpt_state.atomic_save(checkpoint, path)
+            try:
+                ckpt_state.atomic_save(checkpoint, path)
+            except OSError as e:
+                where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                raise TrainingError(f"{e}; training stopped at step {step_now} ({where})") from None
             for old in ckpt_state.prune(ckpt_dir, args.keep_last):
                 logger.info(f"Removed old checkpoint {old.name}")
             logger.info(f"Saved checkpoint to {path}")
@@ -438,10 +471,16 @@ def _run(args, ctx: dist_utils.DistContext, dataset, resume: Optional[dict], not
         bar = tqdm(total=limit, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     logger.info(f"Training for {limit - step:,} steps (to step {limit:,}) ...")
-    n_stats = 3
-    window_sum = torch.zeros(n_stats, dtype=torch.float64)
+    # device-side accumulators: loss / mse / vb summed over the window, this rank's loss, and the step
+    # (with its loss) of the first non-finite loss since the last sync point (-1: none)
+    window_sum = torch.zeros(3, dtype=torch.float64, device=device)
     local_sum = torch.zeros(1, dtype=torch.float64, device=device)
+    step_t = torch.full((), step, dtype=torch.long, device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    bad_loss = torch.zeros((), dtype=torch.float64, device=device)
     window_steps = 0
+    skipped: list = []          # unreadable images replaced so far (--skip-bad-images)
+    skipped_logged = 0
     t_start = time.time()
     window_start = time.time()
     epoch = step // spe
@@ -452,7 +491,10 @@ def _run(args, ctx: dist_utils.DistContext, dataset, resume: Optional[dict], not
             sampler.set_epoch(epoch, start_batch)
             if start_batch == 0 and spe >= args.log_every:  # (short epochs would drown the loss lines)
                 logger.info(f"Beginning epoch {epoch}...")
-            for x, y in loader:
+            for batch in _batches(loader, lambda: step):
+                x, y = batch[0], batch[1]
+                if len(batch) > 2:  # ImageFolder with --skip-bad-images: the files it could not read
+                    skipped += [p for item in batch[2] if item for p in item.split(os.pathsep)]
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 if data.vae is not None:
@@ -472,16 +514,24 @@ def _run(args, ctx: dist_utils.DistContext, dataset, resume: Optional[dict], not
                                      ]).double()
                 local_sum += stats[0]
                 dist_utils.all_reduce_mean(stats, ctx)
-                values = stats.tolist()
-                if not math.isfinite(values[0]):
-                    where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                    raise TrainingError(f"loss is {values[0]} at step {step + 1} (epoch {epoch}); training "
-                                        f"stopped before the update ({where})")
+                window_sum += stats
+                step_t += 1
+                new_bad = (first_bad < 0) & ~torch.isfinite(stats[0])
+                first_bad = torch.where(new_bad, step_t, first_bad)
+                bad_loss = torch.where(new_bad, stats[0], bad_loss)
+                window_steps += 1
+                if (step + 1) % args.log_every == 0 or (step + 1) % args.ckpt_every == 0 or step + 1 == limit:
+                    bad_step = int(first_bad)  # the sync point: before this step's update
+                    if bad_step >= 0:
+                        where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                        stop = ("before the update" if bad_step == step + 1 else
+                                f"at step {step + 1} (losses are read at log and checkpoint steps), saving no "
+                                f"weights updated since")
+                        raise TrainingError(f"loss is {float(bad_loss)} at step {bad_step} (epoch "
+                                            f"{(bad_step - 1) // spe}); training stopped {stop} ({where})")
                 opt.step()
                 update_ema(ema, model, decay=args.ema_decay)
                 step += 1
-                window_sum += torch.tensor(values, dtype=torch.float64)
-                window_steps += 1
                 if bar is not None:
                     bar.update(1)
 
@@ -499,7 +549,13 @@ def _run(args, ctx: dist_utils.DistContext, dataset, resume: Optional[dict], not
                         record["loss_per_rank"] = [float(v) for v in per_rank.cpu()]
                     if device.type == "cuda":  # untested here (no GPU)
                         record["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                    if skipped:
+                        record["skipped_images"] = len(skipped)
                     if ctx.is_main:
+                        if len(skipped) > skipped_logged:
+                            logger.warning(f"warning: skipped {len(skipped)} unreadable image(s) so far (replaced "
+                                           f"by the next readable one; latest: {skipped[-1]})")
+                            skipped_logged = len(skipped)
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
                         if bar is not None:
@@ -550,7 +606,7 @@ def main(argv=None, prog: Optional[str] = None) -> int:
         if dist_utils.env_rank() == 0:
             print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, OSError) as e:  # OSError: an output that cannot be written (a full disk)
         if dist_utils.env_rank() == 0:
             print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
