@@ -95,8 +95,9 @@ def _cxx_has_openmp(flag="-fopenmp"):
 def nvcc_toolkit(nvcc):
     """The CUDA toolkit root that `nvcc` really runs from. nvcc may be a wrapper script or a symlink
     (e.g. /usr/local/bin/nvcc doing `exec /usr/local/cuda-13.0/bin/nvcc`), so the parent of its
-    path can be wrong: nvcc's dry run names its own directory (_HERE_). Falls back to the resolved
-    path's parent. None if nvcc does not run."""
+    path can be wrong: symlinks are resolved, then nvcc's dry run names the directory it runs from
+    (_HERE_; a script's exec target). None if nvcc does not run."""
+    nvcc = os.path.realpath(nvcc)
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "probe.cu")
         open(src, "w").close()
@@ -106,8 +107,8 @@ def nvcc_toolkit(nvcc):
         except (OSError, subprocess.SubprocessError):
             return None
     m = re.search(r"^#\$ _HERE_=(.+)$", r.stdout + r.stderr, re.M)
-    bindir = m.group(1).strip() if m else os.path.dirname(os.path.realpath(nvcc))
-    return os.path.dirname(os.path.normpath(bindir))
+    bindir = m.group(1).strip() if m else os.path.dirname(nvcc)
+    return os.path.dirname(os.path.realpath(bindir))
 
 
 def find_cuda_home(environ=os.environ, which=shutil.which):
