@@ -46,7 +46,11 @@ if [ "$torch_after" != "$torch_before" ]; then
     echo "CUDA build check: FAILED (the install replaced torch $torch_before with $torch_after)"
     exit 1
 fi
-cat dit_fast/_build.json
+python - <<'PY'
+import json
+for name, v in json.load(open("dit_fast/_build.json")).items():
+    print(f"  {name}: {v['status']} ({v['detail']})")
+PY
 python .ci/check_cuda_ext.py
 log "disk: $(du -sh "$WORK" | cut -f1) in $WORK"
 echo "CUDA build check: ok in $(($(date +%s) - START))s (torch $torch_after kept, dit_fast._C_cuda built and imported)"
