@@ -95,7 +95,7 @@ def _rel_errors(got: Sequence[torch.Tensor], truth: Sequence[torch.Tensor]) -> f
 
 
 def _compare(what: str, dtype: torch.dtype, shape: str, kind: str,
-             run: Callable[[str, torch.dtype], Sequence[torch.Tensor]], backend: str = "auto"):
+             run: Callable[[str, torch.dtype], Sequence[torch.Tensor]]):
     """CheckResult of run("auto", dtype) against run("reference", float64), held to twice
     run("reference", dtype)'s own error plus the dtype's floor (see the module docstring)."""
     from .validation import CheckResult
@@ -106,9 +106,9 @@ def _compare(what: str, dtype: torch.dtype, shape: str, kind: str,
         ref_err = _rel_errors(run("reference", dtype), truth)
         err = _rel_errors(run("auto", dtype), truth)
         bound = 2 * ref_err + tolerances.tol(dtype, kind)["atol"]
-        return CheckResult(what, backend, _dtype_name(dtype), shape, err, bound, time.perf_counter() - t0)
+        return CheckResult(what, "auto", _dtype_name(dtype), shape, err, bound, time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - a crashing kernel is a failed check, not a crashed selftest
-        return CheckResult(what, backend, _dtype_name(dtype), shape, float("nan"), float("nan"),
+        return CheckResult(what, "auto", _dtype_name(dtype), shape, float("nan"), float("nan"),
                            time.perf_counter() - t0, error=_short_error(e))
 
 
@@ -125,13 +125,12 @@ def _with_dtype(base, dtype):
 # ---- model-level checks -----------------------------------------------------------------------
 
 def forward_check(base, head_dim: int, dtype: torch.dtype, device: str):
+    from . import use_backend
+
     x, t, y = _inputs(3, device)
-    models = {}
 
     def run(backend, dt):
-        m = models.setdefault(dt, _with_dtype(base, dt)).eval()
-        from . import use_backend
-
+        m = _with_dtype(base, dt).eval()
         with torch.no_grad(), use_backend(backend):
             return [m(x.to(dtype).to(dt), t, y)]
 
@@ -149,11 +148,9 @@ def train_grads_check(base, head_dim: int, dtype: torch.dtype, device: str):
     diffusion = create_diffusion(timestep_respacing="")
     x, t, y = _inputs(3, device, seed=1)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(device)
-    models = {}
 
     def run(backend, dt):
-        m = models.setdefault(dt, _with_dtype(base, dt)).train()
-        m.zero_grad(set_to_none=True)
+        m = _with_dtype(base, dt).train()
         torch.manual_seed(4)  # the same label dropout in every run
         with use_backend(backend):
             losses = diffusion.training_losses(
@@ -175,13 +172,11 @@ def sampling_check(base, head_dim: int, dtype: torch.dtype, device: str, mode: s
     z, _, y = _inputs(n, device, seed=3)
     z = torch.cat([z, z])
     y = torch.cat([y, torch.full_like(y, NUM_CLASSES)])  # the null class for the unconditional half
-    runners = {}
 
     def run(backend, dt):
         m = _with_dtype(base, dt).eval()
-        loop_mode = mode if backend == "auto" else "eager"
-        runner = runners.setdefault((backend, dt), LoopRunner(
-            m.forward_with_cfg, make_sampler("dpm-solver++", SAMPLING_STEPS), mode=loop_mode))
+        runner = LoopRunner(m.forward_with_cfg, make_sampler("dpm-solver++", SAMPLING_STEPS),
+                            mode=mode if backend == "auto" else "eager")
         with use_backend(backend):
             return [runner(z.to(dtype).to(dt), dict(y=y, cfg_scale=CFG_SCALE))]
 
