@@ -3,14 +3,20 @@
 #
 #   bash bench/gpu_check.sh              # from the repository root; results in $OUT or bench/results/gpu-<date>
 #
-# Stages, each with its own time limit inside one overall budget (TOTAL_S, default 470 s < 8 min):
+# Stages, each with its own time limit inside one overall budget (TOTAL_S, default 470 s < 8 min),
+# most important first (a stage that would start with the budget spent is skipped):
 #   0. environment: nvidia-smi, versions, backends                     (always)
 #   1. build the C++/CUDA extensions in place (MAX_JOBS=16)            (skipped without nvcc / CUDA torch)
-#   2. GPU tests: python -m pytest -q -x tests -k "$TEST_FILTER"       (skipped without a CUDA device)
-#   3. throughput: DiT-XL/2 bf16 batch 32, forward / train / sample    (skipped without a CUDA device)
-#   4. Gflops table + forward throughput of the 12 Table-4 models      (skipped without a CUDA device)
-#   5. kernel microbenchmarks: pytest bench --benchmark-only           (skipped without pytest-benchmark)
-#   6. README-style markdown of the JSON results (bench/report.py --print)
+#   2. selftest: python -m dit_fast.selftest --device cuda --json $OUT/selftest.json
+#      (every kernel vs its reference, then the fused DiT; without a CUDA device: --device cpu)
+#   3. kernels: bench/gpu_kernels.py (row-op bandwidth vs copy_, attention TFLOP/s at head dim 72
+#      vs SDPA / flash-attn, profile of an fp32 DiT-XL/2 training step; without a CUDA device: a
+#      --dry-run of the row-op and attention sections on CPU, which checks the script only)
+#   4. GPU tests: python -m pytest -q -x tests -k "$TEST_FILTER"       (skipped without a CUDA device)
+#   5. throughput: DiT-XL/2 bf16 batch 32, forward / train / sample    (skipped without a CUDA device)
+#   6. Gflops table + forward throughput of the 12 Table-4 models      (skipped without a CUDA device)
+#   7. kernel microbenchmarks: pytest bench --benchmark-only           (skipped without pytest-benchmark)
+#   8. README-style markdown of the JSON results (bench/report.py --print)
 # Everything (logs, JSON, PNG, nvidia-smi, versions, summary.txt) goes to one folder. A stage that fails
 # or times out is recorded and the next one still runs; the exit status is 1 if any stage failed.
 #
@@ -116,38 +122,53 @@ else
         export TORCH_CUDA_ARCH_LIST
     fi
     note "build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default}"
-    stage build 240 env MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
+    stage build 200 env MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
 fi
 "$PY" -c 'import dit_fast; [print(b) for b in dit_fast.backends().values()]' >"$RES/backends.txt" 2>&1
 note "backends: $(tr '\n' ' ' <"$RES/backends.txt" | cut -c1-400)"
 
-# ---- 2. GPU tests
+# ---- 2. selftest (its per-check lines are in selftest.log; the failures end up in the summary)
+if [ "$HAS_CUDA" = 1 ]; then
+    stage selftest 150 "$PY" -m dit_fast.selftest --device cuda --json "$RES/selftest.json"
+else
+    stage selftest 150 "$PY" -m dit_fast.selftest --device cpu --json "$RES/selftest.json"
+fi
+[ -f "$RES/selftest.log" ] && note "selftest: $(tail -n 1 "$RES/selftest.log")"
+
+# ---- 3. kernel measurements (issue 15 item 7; they settle the auto order)
+if [ "$HAS_CUDA" = 1 ]; then
+    stage kernels 120 "$PY" bench/gpu_kernels.py --out "$RES"
+else
+    stage kernels 120 "$PY" bench/gpu_kernels.py --out "$RES" --dry-run --sections rowops,attention
+fi
+
+# ---- 4. GPU tests
 if [ "$HAS_CUDA" != 1 ]; then
     skip tests "no CUDA device"
 elif [ -n "$TEST_FILTER" ]; then
-    stage tests 100 "$PY" -m pytest -q -x tests -k "$TEST_FILTER" -p no:cacheprovider --junitxml="$RES/tests.xml"
+    stage tests 90 "$PY" -m pytest -q -x tests -k "$TEST_FILTER" -p no:cacheprovider --junitxml="$RES/tests.xml"
 else
-    stage tests 100 "$PY" -m pytest -q -x tests -p no:cacheprovider --junitxml="$RES/tests.xml"
+    stage tests 90 "$PY" -m pytest -q -x tests -p no:cacheprovider --junitxml="$RES/tests.xml"
 fi
 
-# ---- 3. throughput (torch.compile is left out: its compile time alone would take the stage's budget)
+# ---- 5. throughput (torch.compile is left out: its compile time alone would take the stage's budget)
 if [ "$HAS_CUDA" != 1 ]; then
     skip throughput "no CUDA device"
 else
     # shellcheck disable=SC2086  # TP_ARGS is a list of arguments
-    stage throughput 120 "$PY" bench/throughput.py --model DiT-XL/2 --dtype bf16 --batch-size 32 \
+    stage throughput 100 "$PY" bench/throughput.py --model DiT-XL/2 --dtype bf16 --batch-size 32 \
         --modes forward,train,sample --impls reference,diffusers,dit_fast --warmup 2 --iters 5 \
         --note "bench/gpu_check.sh" --out "$RES/throughput-DiT-XL_2.json" ${TP_ARGS:-}
 fi
 
-# ---- 4. Gflops vs throughput
+# ---- 6. Gflops vs throughput
 if [ "$HAS_CUDA" != 1 ]; then
     skip gflops "no CUDA device"
 else
     stage gflops 30 "$PY" bench/gflops.py --batch-size 32 --warmup 1 --iters 3 --out "$RES/gflops.json"
 fi
 
-# ---- 5. kernel microbenchmarks
+# ---- 7. kernel microbenchmarks
 if ! "$PY" -c 'import pytest_benchmark' 2>/dev/null; then
     skip microbench "pytest-benchmark not installed (pip install -r requirements-test.txt)"
 else
@@ -156,7 +177,7 @@ else
         --benchmark-json="$RES/microbench.json"
 fi
 
-# ---- 6. markdown
+# ---- 8. markdown
 jsons=()
 for f in "$RES"/throughput-*.json "$RES"/gflops.json; do
     [ -f "$f" ] && jsons+=("$f")

@@ -5,6 +5,7 @@
     dit-fast extract-latents ...     pre-extract VAE latents (same as `python -m dit_fast.extract_latents`)
     dit-fast sample ...              sample a checkpoint (dit_fast.sample)
     dit-fast sample-ddp ...          sample for FID (dit_fast.sample_ddp)
+    dit-fast selftest [--device D]   check every kernel against its reference here (dit_fast.selftest)
 
 Each command module exposes `main(argv[, prog]) -> exit status`; a command whose module is absent
 is not offered.
@@ -22,6 +23,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "extract-latents": ("dit_fast.extract_latents", "encode an ImageFolder (and its flips) into latent shards"),
     "sample": ("dit_fast.sample", "sample images from a checkpoint"),
     "sample-ddp": ("dit_fast.sample_ddp", "sample many images for FID (torchrun, .npz dump)"),
+    "selftest": ("dit_fast.selftest", "check every kernel, then a small DiT, against the references on this device"),
 }
 
 
