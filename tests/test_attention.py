@@ -365,8 +365,11 @@ def test_triton_aot_specs_are_well_formed():
     if not HAS_TRITON:
         pytest.skip("triton not installed")
     Tm = importlib.import_module("dit_fast.kernels.triton.attention")
-    assert len(Tm.AOT_SPECS) == 3 * 3 * 4  # dtypes x head dims x kernels
-    for kernel, sig, const in Tm.AOT_SPECS:
+    configs = Tm.aot_configs()  # fp16, bf16 and fp32 (ieee and tf32) x 3 head dims
+    assert len(configs) == 4 * 3 and len({str(c) for c in configs}) == len(configs)
+    assert len(Tm.AOT_SPECS) == 3 * len(configs) + 3 * 3  # + one preprocess per dtype x head dim
+    for kernel, sig, const, opts in Tm.AOT_SPECS:
+        assert set(opts) <= {"num_warps", "num_stages"}
         names = kernel.arg_names
         assert set(sig) | set(const) == set(names), kernel.__name__
         assert not set(sig) & set(const)
