@@ -83,7 +83,8 @@ def sdpa_fwd_bwd(qkv, H, dout):
 def check_rule(name, got, sdpa, truth, dtype, K, factor=2.0, dot_eps=FP32_EPS):
     """got's error <= factor x SDPA's + the floor for sums of K = max(T, head dim) terms."""
     e, e_sdpa = err(got, truth), err(sdpa, truth)
-    fl = error_floor(truth.abs().max().item() if truth.numel() else 0.0, dtype, K, dot_eps)
+    # c = 2: our kernels reached 1.0x (fp32, K = 64..130, on AVX2 and AVX-512), 0.3x in TF32 mode
+    fl = error_floor(truth.abs().max().item() if truth.numel() else 0.0, dtype, K, 2.0, dot_eps)
     assert e <= factor * e_sdpa + fl, (f"{name}: error {e:.3g} > {factor} x SDPA error {e_sdpa:.3g}"
                                        f" + floor {fl:.3g} (ratio {e / max(e_sdpa, 1e-300):.2f})")
     return e / e_sdpa if e_sdpa > 0 else float("nan")
