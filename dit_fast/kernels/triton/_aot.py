@@ -31,7 +31,8 @@ def compile_spec(spec, arch: int):
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, local-memory (spill) bytes per thread) from cuobjdump."""
+    """(registers per thread, spill bytes per thread: stack frame + local memory; a kernel that
+    calls nothing has a stack frame only for spills) from cuobjdump."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
@@ -39,8 +40,8 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
                               capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
-    regs, local = re.search(r"REG:(\d+)", text), re.search(r"LOCAL:(\d+)", text)
-    return int(regs.group(1)), int(local.group(1)) if local else 0
+    regs = int(re.search(r"REG:(\d+)", text).group(1))
+    return regs, sum(int(m) for m in re.findall(r"(?:STACK|LOCAL):(\d+)", text))
 
 
 def kernel_stats(k) -> dict:

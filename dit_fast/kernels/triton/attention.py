@@ -360,24 +360,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _fwd_config(dtype: torch.dtype, precision: str, width: int) -> dict:
-    """Starting points from the Triton tutorial / flash-attn's Triton port, checked for registers,
-    spills and shared memory by an sm_80 / sm_90 compile (bench/results/triton-attention-aot.md);
-    not timed on a GPU here. `width` = BLOCK_D0 + BLOCK_D1."""
+    """Starting points from the Triton tutorial / flash-attn's Triton port, with 8 warps: at 4,
+    ptxas spills (stack frames up to 7.5 KB for fp32 "ieee" at head dim 128) in the sm_80 / sm_90
+    compiles (bench/results/triton-attention-aot.md). Not timed on a GPU here. `width` = BLOCK_D0 +
+    BLOCK_D1."""
     if dtype == torch.float32 and precision == "ieee":  # CUDA-core FMAs on 4-byte tiles
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if dtype == torch.float32:  # TF32 tensor cores, 4-byte tiles: half the 16-bit key block
-        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8 if width > 64 else 4, num_stages=2)
-    if width <= 80:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3 if width <= 80 else 2)
 
 
 def _bwd_config(dtype: torch.dtype, precision: str, width: int) -> dict:
     """num_stages >= 2 everywhere: the query / key loop's loads are prefetched (cp.async / TMA).
     Tensor-core configs use 64 x 64 tiles: every matmul is wgmma-sized (M >= 64) on sm_90."""
     if dtype == torch.float32 and precision == "ieee":
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if width <= 80 else 8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
 # CUDA allows 2^31 - 1 blocks along grid axis 0 but only 65,535 along axes 1 and 2.
