@@ -1,8 +1,9 @@
 """The packed-weight CPU GEMM (dit_fast.ops.linear, csrc/cpu/gemm.cpp) against F.linear.
 
 Error rule (the flash-attention rule, for a reduction): against a float64 ground truth on the same
-float32 inputs, the packed GEMM's max error is at most 2x torch's own float32 GEMM's (plus a floor
-of a few ulps for tiny sums). Shapes cover every edge of the 6 x 16 tile and of the K blocks:
+float32 inputs, the packed GEMM's max error is at most 2x torch's own float32 GEMM's plus a floor
+set by fp32's resolution at that K (tests/error_rule.py), so the bound holds however accurate the
+CPU's MKL is. Shapes cover every edge of the 6 x 16 tile and of the K blocks:
 rows not a multiple of 6 or of the 48-row block, columns not a multiple of 16, K = 0 / 1 / not a
 multiple of the 256 K block, batch 1.
 """
@@ -18,6 +19,7 @@ import dit_fast
 from dit_fast import _backends
 from dit_fast.ops import linear as lin
 from dit_fast.ops.gelu import linear_gelu
+from error_rule import error_floor
 
 pytestmark = pytest.mark.skipif(_backends._probe("cpu") is not None,
                                 reason=f"cpu backend unavailable: {_backends._probe('cpu')}")
@@ -50,7 +52,8 @@ def _check_error(got, x, w, b, gelu=False):
         ref, mine = F.gelu(ref, approximate="tanh"), F.gelu(mine, approximate="tanh")
     err = (got.double() - ref).abs().max().item()
     torch_err = (mine - ref).abs().max().item()
-    floor = 4 * torch.finfo(torch.float32).eps * max(ref.abs().max().item(), 1.0)
+    # c = 0.5: the packed GEMM alone reached 0.23x (K = 257), measured on AVX2
+    floor = error_floor(ref.abs().max().item(), torch.float32, x.shape[-1], 0.5)
     assert err <= 2 * torch_err + floor, f"max error {err:.3g} > 2 x torch's {torch_err:.3g} (+{floor:.1g})"
 
 

@@ -14,6 +14,7 @@ from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import ln_modulate, ln_modulate_ref
 from dit_fast.tolerances import assert_close
+from error_rule import error_floor
 
 L = importlib.import_module("dit_fast.ops.ln_modulate")  # the module (the package re-exports the function)
 OP = L.OP_NAME
@@ -145,7 +146,8 @@ def test_cpu_bf16_at_least_as_accurate_as_eager_bf16():
     with use_backend("cpu"):
         err_ours = (ln_modulate(x, shift, scale).double() - exact).abs().max()
     err_eager = (ln_modulate_ref(x, shift, scale).double() - exact).abs().max()
-    assert err_ours <= err_eager
+    # c = 0.5: one correct rounding to bf16 of an fp32-accurate result, whatever eager's error
+    assert err_ours <= err_eager + error_floor(exact.abs().max().item(), torch.bfloat16, 1152, 0.5)
 
 
 # ---- backward -------------------------------------------------------------------------------

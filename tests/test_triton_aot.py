@@ -3,8 +3,8 @@ sm_90 (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``): 
 only the interpreter accepts, without a GPU.
 
 Convention: each module in dit_fast/kernels/triton/ that defines @triton.jit kernels defines
-``AOT_SPECS = [(kernel, signature, constexprs), ...]`` with representative specializations
-(fp32 and bf16 at least). Every kernel needs at least one spec; @triton.jit *device functions*
+``AOT_SPECS = [(kernel, signature, constexprs[, options]), ...]`` with representative
+specializations (fp32 and bf16 at least; options: num_warps / num_stages as launched). Every kernel needs at least one spec; @triton.jit *device functions*
 (helpers called from other @triton.jit functions, compiled as part of them) are exempt, as is
 anything a module lists in an optional ``AOT_DEVICE_FUNCTIONS``. Constexpr parameters may be given
 in ``constexprs`` only (they are added to the signature as "constexpr" here).
@@ -38,16 +38,14 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 
 _SCRIPT = r"""
 import importlib, json, re, sys, traceback
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
+from dit_fast.kernels.triton._aot import compile_spec, kernel_stats
 
 modules, archs = sys.argv[1].split(","), [int(a) for a in sys.argv[2].split(",")]
 report = {}
 for name in modules:
     entry = report[name] = {"kernels": [], "helpers": [], "missing_spec": [], "bad_specs": [],
-                            "compiled": 0, "errors": [], "has_specs": None}
+                            "compiled": 0, "errors": [], "has_specs": None, "stats": []}
     try:
         mod = importlib.import_module(f"dit_fast.kernels.triton.{name}")
     except Exception:
@@ -63,24 +61,24 @@ for name in modules:
     specs = getattr(mod, "AOT_SPECS", None)
     entry["has_specs"] = specs is not None
     specs = list(specs or [])
-    covered = {s[0].__name__ for s in specs if isinstance(s, tuple) and len(s) == 3
-               and isinstance(s[0], JITFunction)}
+    ok = lambda s: isinstance(s, tuple) and len(s) in (3, 4) and isinstance(s[0], JITFunction)
+    covered = {s[0].__name__ for s in specs if ok(s)}
     entry["missing_spec"] = [k for k in entry["kernels"] if jitted[k].__name__ not in covered]
     for i, spec in enumerate(specs):
-        if not (isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[0], JITFunction)):
-            entry["bad_specs"].append(f"AOT_SPECS[{i}] is not (jit kernel, signature, constexprs)")
+        if not ok(spec):
+            entry["bad_specs"].append(f"AOT_SPECS[{i}] is not (jit kernel, signature, constexprs"
+                                      f"[, options])")
             continue
-        fn, sig, consts = spec
-        sig = dict(sig)
-        for c in consts:
-            sig.setdefault(c, "constexpr")
+        fn, sig, consts = spec[:3]
         for arch in archs:
             try:
-                k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(consts)),
-                                   target=GPUTarget("cuda", arch, 32))
+                k = compile_spec(spec, arch)
                 if not k.asm.get("cubin"):
                     raise RuntimeError("no cubin produced")
                 entry["compiled"] += 1
+                entry["stats"].append({"kernel": fn.__name__, "arch": arch, "signature": sig,
+                                       "constexprs": {c: str(v) for c, v in consts.items()},
+                                       **kernel_stats(k)})
             except Exception as e:
                 entry["errors"].append(f"{fn.__name__} sm_{arch} {sig} {consts}: "
                                        f"{type(e).__name__}: {e}")
@@ -132,3 +130,48 @@ def test_every_kernel_compiles_for_sm80_and_sm90(module, aot_report):
     assert not entry["missing_spec"], (f"{module}: @triton.jit kernels without an AOT_SPECS entry: "
                                        f"{entry['missing_spec']}")
     assert entry["compiled"] >= len(entry["kernels"]) * len(ARCHS)
+
+
+# Shared memory a block may use (opt-in maximum): sm_80 163 KB, sm_90 227 KB.
+MAX_SHARED = {80: 166912, 90: 232448}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_shared_memory_fits_every_arch(module, aot_report):
+    for st in aot_report[module]["stats"]:
+        if st["arch"] in MAX_SHARED:
+            assert st["shared_bytes"] <= MAX_SHARED[st["arch"]], st
+
+
+def _attention_stats(aot_report, arch):
+    if arch not in ARCHS:
+        pytest.skip(f"sm_{arch} not in DIT_FAST_AOT_ARCHS")
+    return [st for st in aot_report["attention"]["stats"] if st["arch"] == arch]
+
+
+def test_attention_fp32_uses_tensor_cores_only_in_tf32_mode(aot_report):
+    """The fp32 specializations with DOT_PRECISION "tf32" compile to wgmma on sm_90 (mma.sync on
+    sm_80); "ieee" ones to FMAs, with no tensor-core instruction."""
+    for arch, mma in ((90, "wgmma"), (80, "mma")):
+        fp32 = [st for st in _attention_stats(aot_report, arch)
+                if st["signature"].get("QKV") == "*fp32"]  # the kernels with matmuls
+        tf32 = [st for st in fp32 if st["constexprs"]["DOT_PRECISION"] == "tf32"]
+        ieee = [st for st in fp32 if st["constexprs"]["DOT_PRECISION"] == "ieee"]
+        assert tf32 and ieee
+        for st in tf32:
+            assert st[mma] > 0 and st["fma"] < 100, st
+        for st in ieee:
+            assert st["wgmma"] == 0 and st["mma"] == 0 and st["fma"] > 500, st
+
+
+def test_attention_backward_prefetches_and_dit_configs_do_not_spill(aot_report):
+    """Every backward matmul kernel is compiled with num_stages >= 2 (its loop's loads
+    prefetched); on sm_90 the 16-bit kernels at DiT's head dims 64 / 72 use no stack (spills)."""
+    for arch in ARCHS:
+        for st in _attention_stats(aot_report, arch):
+            if st["kernel"] in ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+                assert st["num_stages"] >= 2, st
+    for st in _attention_stats(aot_report, 90):
+        if (st["signature"].get("QKV", st["signature"].get("O")) in ("*bf16", "*fp16")
+                and st["constexprs"]["HEAD_DIM"] in ("64", "72")):
+            assert st["spill_bytes"] == 0, st

@@ -19,9 +19,12 @@ Which implementation runs (``auto`` takes the first that qualifies, in this orde
                  kernel (or the reference math when Triton cannot). UNTESTED here: flash-attn is
                  not installed on the development machine.
   ``triton``     our Triton FlashAttention-2 (dit_fast.kernels.triton.attention): CUDA tensors,
-                 fp16/bf16/fp32, head dims 64, 72 (DiT-XL) and 128. Reads q/k/v with strides from
-                 the packed layout, writes out in (N, T, H, Dh) and dq/dk/dv straight into the
-                 packed gradient. (Verified under Triton's CPU interpreter; not run on a GPU here.)
+                 fp16/bf16/fp32, head dims 64, 72 (DiT-XL, as 64 + 16 columns) and 128. Reads
+                 q/k/v with strides from the packed layout, writes out in (N, T, H, Dh) and
+                 dq/dk/dv straight into the packed gradient. fp32 runs on TF32 tensor cores when
+                 torch allows TF32 for fp32 matmuls (allow_tf32 / float32 matmul precision), else
+                 exact fp32 products. (Verified under Triton's CPU interpreter and by sm_80 / sm_90
+                 compiles; not run on a GPU here.)
   ``cpu``        CPU tensors, fp32/bf16/fp64, any head dim (needs dit_fast._C). Forward, chosen per
                  dtype by measurement (`_CPU_FORWARD`, numbers there): bf16 and fp64 run our C++
                  kernel (csrc/cpu/attention.cpp: online softmax vectorized along queries,

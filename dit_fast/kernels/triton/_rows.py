@@ -39,14 +39,24 @@ def unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def token_chunks(N: int, T: int, ROWS: int, target_programs: int = 256) -> tuple[int, int]:
+# Backward programs: enough to fill a 132-SM H100 several times over (a program walks its chunk's
+# tiles serially, with barriers for the row reductions, and Triton's num_stages does not pipeline
+# these dot-free loops: the compiled code has no cp.async at any num_stages, so latency is hidden by
+# more programs in flight), with chunks of >= 8 tokens so the per-chunk fp32 partial sums (2 rows
+# of D per chunk) stay <= 1/4 of the chunk's bf16 input traffic (x and dy).
+TARGET_PROGRAMS = 1024
+MIN_CHUNK_TOKENS = 8
+
+
+def token_chunks(N: int, T: int, ROWS: int,
+                 target_programs: int = TARGET_PROGRAMS) -> tuple[int, int]:
     """(chunks per batch entry C, tokens per chunk: a multiple of ROWS) for backward kernels that
     run one program per (n, chunk) and write per-chunk partial parameter gradients, summed
     afterwards in a fixed order. Depends only on the shape (deterministic results)."""
     if T <= 0:
         return 1, ROWS
     want = -(-target_programs // max(N, 1))
-    C = max(1, min(want, -(-T // max(8, ROWS))))  # at least max(8, ROWS) tokens per chunk
+    C = max(1, min(want, -(-T // max(MIN_CHUNK_TOKENS, ROWS))))
     per = -(-(-(-T // C)) // ROWS) * ROWS
     return -(-T // per), per
 

@@ -14,6 +14,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ._embed_common import cast_out, on_gpu
+from ._launch import on_tensor_device
 
 
 @triton.jit
@@ -39,6 +40,7 @@ def timestep_embedding_kernel(t_ptr, freqs_ptr, out_ptr, t_stride, half, dim,
         tl.store(out_ptr + n * dim + dim - 1, cast_out(tl.zeros((), dtype=tl.float32), out_ty, GPU))
 
 
+@on_tensor_device
 def timestep_embedding(t, freqs, dim, dtype):
     """t (N,) float/int timesteps (any stride), freqs (dim // 2,) float32 -> (N, dim) `dtype`."""
     N = t.shape[0]

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from . import _rows
 from .ln_modulate import ln_modulate_tile, ln_modulate_tile_bwd
+from ._launch import on_tensor_device
 
 __all__ = ["gated_residual_ln_modulate_fwd", "gated_residual_ln_modulate_bwd",
            "gated_residual_fwd", "gated_residual_bwd", "AOT_SPECS"]
@@ -128,6 +129,7 @@ def _cfg(D: int) -> tuple[int, int, int]:
     return BD, RW, _rows.tile_warps(RW, BD)
 
 
+@on_tensor_device
 def gated_residual_ln_modulate_fwd(x, y, gate, shift, scale, eps: float):
     """(x_new, h, mean, rstd); mean/rstd float32 (N, T)."""
     x, y = x.contiguous(), y.contiguous()
@@ -149,6 +151,7 @@ def gated_residual_ln_modulate_fwd(x, y, gate, shift, scale, eps: float):
     return x_new, h, mean, rstd
 
 
+@on_tensor_device
 def gated_residual_ln_modulate_bwd(dx_new, dh, x_new, y, gate, scale, mean, rstd):
     """(dx, dy, dgate, dshift, dscale) in x_new's dtype; dx_new may be None (zero)."""
     dh, x_new, y = dh.contiguous(), x_new.contiguous(), y.contiguous()
@@ -172,6 +175,7 @@ def gated_residual_ln_modulate_bwd(dx_new, dh, x_new, y, gate, scale, mean, rstd
     return dx, dy, dgate, dshift, dscale  # separate tensors (custom-op outputs must not alias)
 
 
+@on_tensor_device
 def gated_residual_fwd(x, y, gate):
     x, y, gate = x.contiguous(), y.contiguous(), _rows.unit_last(gate)
     N, T, D = x.shape
@@ -186,6 +190,7 @@ def gated_residual_fwd(x, y, gate):
     return out
 
 
+@on_tensor_device
 def gated_residual_bwd(dout, y, gate):
     """(dy, dgate); dx = dout."""
     dout, y, gate = dout.contiguous(), y.contiguous(), _rows.unit_last(gate)

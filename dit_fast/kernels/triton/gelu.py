@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_tensor_device
+
 __all__ = ["gelu_bias_fwd", "gelu_bias_bwd", "linear_gelu_fwd", "AOT_SPECS"]
 
 _BETA = 0.7978845608028654     # sqrt(2 / pi)
@@ -134,6 +136,7 @@ def _flat(t: torch.Tensor, F: int) -> torch.Tensor:
     return t.reshape(-1, F) if F > 0 else t.reshape(0, 0)
 
 
+@on_tensor_device
 def gelu_bias_fwd(h: torch.Tensor, bias: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
     """gelu_tanh(h + bias) into `out` (new if None; may be h itself). h (..., F) contiguous."""
     h = h.contiguous()
@@ -158,6 +161,7 @@ def _chunks(M: int, F: int, BM: int, BF: int, target_programs: int = 512) -> tup
     return triton.cdiv(M, per), per
 
 
+@on_tensor_device
 def gelu_bias_bwd(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tensor):
     """(dh, dbias) in h's dtype."""
     dout, h, bias = dout.contiguous(), h.contiguous(), bias.contiguous()
@@ -188,6 +192,7 @@ def _gemm_config(dtype: torch.dtype) -> dict:
                 num_warps=8, num_stages=3)
 
 
+@on_tensor_device
 def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(x @ weight.T + bias) in one kernel; x (..., K), weight (F, K), bias (F,)."""
     K = x.shape[-1]

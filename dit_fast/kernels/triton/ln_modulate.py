@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _rows
+from ._launch import on_tensor_device
 
 __all__ = ["ln_modulate_fwd", "ln_modulate_bwd", "ln_modulate_tile", "ln_modulate_tile_bwd", "AOT_SPECS"]
 
@@ -93,6 +94,7 @@ def _ln_modulate_bwd_kernel(DY, X, SCALE, MEAN, RSTD, DX, PART, T, D, scale_rs, 
     tl.store(base + D + cols, acc_scale, mask=cmask)
 
 
+@on_tensor_device
 def ln_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
     """(y, mean, rstd); x (N, T, D), shift/scale (N, D). mean/rstd float32."""
     x = x.contiguous()
@@ -115,6 +117,7 @@ def ln_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, e
     return y, mean, rstd
 
 
+@on_tensor_device
 def ln_modulate_bwd(dy, x, scale, mean, rstd):
     """(dx, dshift, dscale) in x's dtype."""
     x, dy = x.contiguous(), dy.contiguous()

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._embed_common import cast_out, on_gpu
+from ._launch import on_tensor_device
 
 
 @triton.jit
@@ -180,6 +181,7 @@ def _pow2(n, lo, hi):
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+@on_tensor_device
 def patch_embed_fwd(x, weight, bias, pos, p):
     """x (N, C, H, W), weight (D, C, p, p), bias (D,) or None, pos (T, D) or None -> (N, T, D)."""
     N, C, H, W, Hg, Wg, T, K = _geo(x, p)
@@ -204,6 +206,7 @@ def patch_embed_fwd(x, weight, bias, pos, p):
     return out
 
 
+@on_tensor_device
 def patch_embed_bwd(dout, x, weight, p, need_dx, need_dweight, need_dbias):
     """(dx, dweight, dbias); the ones not needed are empty 0-element tensors."""
     N, C, H, W, Hg, Wg, T, K = _geo(x, p)
@@ -235,6 +238,7 @@ def patch_embed_bwd(dout, x, weight, p, need_dx, need_dweight, need_dbias):
     return dx, dw, db
 
 
+@on_tensor_device
 def unpatchify_fwd(y, p, out_channels, grid_h, grid_w):
     N = y.shape[0]
     img = torch.empty((N, out_channels, grid_h * p, grid_w * p), device=y.device, dtype=y.dtype)
@@ -246,6 +250,7 @@ def unpatchify_fwd(y, p, out_channels, grid_h, grid_w):
     return img
 
 
+@on_tensor_device
 def unpatchify_bwd(dimg, p):
     N, C, H, W = dimg.shape
     Hg, Wg = H // p, W // p

@@ -13,6 +13,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ._embed_common import on_gpu, round_bf16
+from ._launch import on_tensor_device
 
 MODE_DDPM_LEARNED_RANGE = 0
 MODE_DDPM_FIXED = 1
@@ -89,6 +90,7 @@ def sampler_step_kernel(m_ptr, x_ptr, noise_ptr, coef_ptr, sample_ptr, pred_ptr,
     tl.store(sample_ptr + row * S + s, r, mask=ok)
 
 
+@on_tensor_device
 def sampler_step(model_out, x, noise, coefs, mode, clip, guided, cfg_scale, guide_channels):
     """model_out (Bm, Cm, S), x (N, C, S), noise (N, C, S) or None, coefs (N, 8) float32
     -> (sample, pred_xstart), float32 (N, C, S). All contiguous."""
