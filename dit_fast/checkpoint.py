@@ -184,7 +184,9 @@ def save_checkpoint(model: DiT, path: PathLike) -> None:
     `path` ends in .safetensors, else a torch plain state dict (the published checkpoints' layout)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # copies: the adaLN weights are views into one buffer, which older safetensors releases refuse, and
+    # torch.save would store as one shared storage instead of the published one-tensor-each layout
+    state_dict = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 

@@ -432,8 +432,25 @@ class DiT(nn.Module):
         # The adaLN projections of every block and of the final layer read the same c: one GEMM
         # over their weights stacked in one buffer, of which each layer's weight and bias are views
         # (same parameters and state_dict; nothing cached, so nothing can go stale).
-        if adaptive:
-            share_adaln_storage(self._adaln_linears())
+        self._share_adaln_storage()
+
+    # .to() / .double() / .cuda() convert every parameter into its own storage, and deepcopy /
+    # unpickling clone each one: re-alias the adaLN weights right away (the forward would
+    # otherwise do it at its first call), so that an optimizer or DDP built next sees the layout
+    # it trains with.
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self._share_adaln_storage()
+        return self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._share_adaln_storage()
+
+    def _share_adaln_storage(self):
+        linears = self._adaln_linears() if self.block in ("adaLN-Zero", "adaLN") else None
+        if linears is not None:
+            share_adaln_storage(linears)
 
     @classmethod
     def from_pretrained(cls, name_or_path, key="ema", **overrides):
