@@ -11,7 +11,10 @@ sinusoidal timestep embedding.
     GEMM can never read stale weights. Every call checks, with pointer compares, that each
     parameter still sits at its place in the buffer, and re-aliases when something re-pointed one
     (``param.data = new``, ``.to()``, ``load_state_dict(assign=True)``, a swapped layer).
-    Gradients flow back to every layer's own weight and bias. The GEMM runs on the vendor BLAS
+    Gradients flow back to every layer's own weight and bias. The parameters stay distinct
+    nn.Parameters (views): optimizers (foreach and fused included) and DDP (its buckets hold
+    gradients; its broadcasts copy into the parameters in place) treat them as independent ones.
+    The GEMM runs on the vendor BLAS
     (cuBLAS / oneDNN / MKL) through torch on every backend: a hand-written kernel would not beat
     it, and SiLU(c) is a tiny (N, D) elementwise op.
 
@@ -229,19 +232,22 @@ def _stack_view(ts: Sequence[Tensor]) -> Optional[Tensor]:
     anything that re-points a parameter (``param.data = ...``, ``.to()``,
     ``load_state_dict(assign=True)``, a swapped layer) makes it return None."""
     t0 = ts[0]
-    inner = t0.shape[1:]
-    ptr = start = t0.data_ptr()
-    rows = 0
-    for t in ts:
-        if (t.dtype != t0.dtype or t.device != t0.device or t.shape[1:] != inner
-                or not t.is_contiguous() or t.data_ptr() != ptr):
-            return None
-        ptr += t.numel() * t.element_size()
-        rows += t.shape[0]
-    storage = t0.untyped_storage()
-    if ptr - storage.data_ptr() > storage.nbytes() or start == 0:
+    dtype, device, dim = t0.dtype, t0.device, t0.dim()
+    if dim not in (1, 2):
         return None
-    return t0.detach().as_strided((rows, *inner), (inner[0], 1) if inner else (1,), t0.storage_offset())
+    row = t0.size(-1) if dim == 2 else 1  # elements per row (weights: in_features; biases: 1)
+    ptr = start = t0.data_ptr()
+    for t in ts:  # (the cheapest tensor attributes: this runs at every call)
+        if (t.data_ptr() != ptr or t.dtype != dtype or t.device != device or t.dim() != dim
+                or (dim == 2 and t.size(1) != row) or not t.is_contiguous()):
+            return None
+        ptr += t.nbytes
+    storage = t0.untyped_storage()
+    if start == 0 or ptr - storage.data_ptr() > storage.nbytes():
+        return None
+    rows = (ptr - start) // (row * t0.element_size())
+    return t0.detach().as_strided((rows, row) if dim == 2 else (rows,), (row, 1) if dim == 2 else (1,),
+                                  t0.storage_offset())
 
 
 def _check_layers(linears: Sequence[nn.Linear]) -> None:
@@ -294,9 +300,9 @@ def share_adaln_storage(linears: Sequence[nn.Linear]) -> bool:
 def _stacked(ps: Sequence[Tensor], linears: Sequence[nn.Linear]) -> Tensor:
     """The parameters `ps` stacked along dim 0: their shared buffer when they are aliased (after
     re-aliasing them if something re-pointed one), else a torch.cat (differentiable)."""
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if not torch.compiler.is_compiling() and _aliasable(ps):
+    if not torch.compiler.is_compiling() and all(type(p) is nn.Parameter for p in ps):
         w = _stack_view(ps)
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         if w is None and not capturing and share_adaln_storage(linears):
             w = _stack_view(ps)
         if w is not None:
