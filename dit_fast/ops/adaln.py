@@ -14,9 +14,10 @@ sinusoidal timestep embedding.
     Gradients flow back to every layer's own weight and bias. The parameters stay distinct
     nn.Parameters (views): optimizers (foreach and fused included) and DDP (its buckets hold
     gradients; its broadcasts copy into the parameters in place) treat them as independent ones.
-    The GEMM runs on the vendor BLAS
-    (cuBLAS / oneDNN / MKL) through torch on every backend: a hand-written kernel would not beat
-    it, and SiLU(c) is a tiny (N, D) elementwise op.
+    The GEMM runs on the vendor BLAS (cuBLAS / oneDNN / MKL) through torch on every backend: a
+    hand-written kernel would not beat it, and SiLU(c) is a tiny (N, D) elementwise op. Under
+    torch.compile the weights are stacked with torch.cat inside the graph (pointer checks cannot
+    run there).
 
 (b) `timestep_embedding(t, dim=256, max_period=10000)`: ``TimestepEmbedder.timestep_embedding``
     in one kernel: [cos(t * freqs), sin(t * freqs)] (+ a zero column for odd dim), float32 math
