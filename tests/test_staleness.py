@@ -12,6 +12,8 @@ loop's capture key (LoopRunner), on CPU with a stand-in for the graph capture.
 
 import contextlib
 import copy
+import functools
+import pickle
 
 import pytest
 import torch
@@ -242,12 +244,14 @@ def test_swapped_submodules(be):
 
 
 @pytest.mark.parametrize("be", BACKENDS)
-def test_deepcopy(be):
-    """A deep copy (an EMA model) has its own aliased buffer; each follows its own weights."""
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_deepcopy(be, how):
+    """A deep copy (an EMA model) or an unpickled model has its own aliased buffer; each follows
+    its own weights."""
     with backend(be):
         model = make_model()
         before = prime(model)
-        ema = copy.deepcopy(model)
+        ema = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
         assert adaln_aliased(ema)
         with torch.no_grad():
             for p in ema.parameters():
@@ -398,6 +402,7 @@ def test_loop_runner_key_follows_weight_identity():
         key = new
     model.float()
     for wrapped in (lambda x, t, **k: model.forward_with_cfg(x, t, **k),
+                    functools.partial(DiT.forward_with_cfg, model),
                     torch.compile(model, backend="aot_eager")):
         wrapped_runner = LoopRunner(wrapped, make_sampler("ddim", 2))
         key = wrapped_runner._key(x, kw)

@@ -444,6 +444,7 @@ class DiT(nn.Module):
         return self
 
     def __setstate__(self, state):
+        state.pop("_adaln", None)  # the cached adaLN pack of models pickled by earlier versions
         super().__setstate__(state)
         self._share_adaln_storage()
 

@@ -24,7 +24,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import _backends
-
 from ..diffusion import create_diffusion
 from ..diffusion.dpm_solver import DPMSolverPlusPlus, create_dpm_solver
 from ..diffusion.gaussian_diffusion import GaussianDiffusion
@@ -149,7 +148,8 @@ def find_step_cache(model: Model) -> Any:
 def model_modules(model: Model) -> List[torch.nn.Module]:
     """The nn.Modules behind a model callable: the callable itself, a bound method's owner, the
     function and arguments of a functools.partial, `__wrapped__`, and modules a closure captured
-    (e.g. ``lambda x, t, **kw: dit.forward_with_cfg(x, t, **kw)``)."""
+    (e.g. ``lambda x, t, **kw: dit.forward_with_cfg(x, t, **kw)``). A module reached only through
+    a global name is not found: pass the module or one of its methods."""
     found: List[torch.nn.Module] = []
     todo, seen = [model], set()
     while todo:
@@ -161,7 +161,8 @@ def model_modules(model: Model) -> List[torch.nn.Module]:
             found.append(obj)
             continue
         todo += [getattr(obj, "__self__", None), getattr(obj, "__wrapped__", None), getattr(obj, "func", None)]
-        todo += list(getattr(obj, "args", None) or ()) if isinstance(obj, functools.partial) else []
+        if isinstance(obj, functools.partial):
+            todo += [*obj.args, *obj.keywords.values()]
         todo += [cell.cell_contents for cell in (getattr(obj, "__closure__", None) or ())
                  if _cell_filled(cell)]
     return found
