@@ -277,7 +277,9 @@ def save_checkpoint(model: DiT, path: PathLike) -> None:
         raise IsADirectoryError(f"save_checkpoint: {path} is a directory; pass a file path such as "
                                 f"{path / 'model.safetensors'}")
     tmp = path.with_name(path.name + ".tmp")
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # copies: the adaLN weights are views into one buffer, which older safetensors releases refuse, and
+    # torch.save would store as one shared storage instead of the published one-tensor-each layout
+    state_dict = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file

@@ -150,9 +150,10 @@ def tiny_dit(**kw):
                num_classes=10)
     cfg.update(kw)
     model = DiT(**cfg)
-    for blk in model.blocks:  # adaLN-Zero starts at zero: make the projections non-trivial
-        nn.init.normal_(blk.adaLN_modulation[1].weight, std=0.05)
-        nn.init.normal_(blk.adaLN_modulation[1].bias, std=0.05)
+    with torch.no_grad():
+        for blk in model.blocks:  # adaLN-Zero starts at zero: make the projections non-trivial
+            blk.adaLN_modulation[1].weight.normal_(std=0.05)
+            blk.adaLN_modulation[1].bias.normal_(std=0.05)
     return model
 
 
@@ -160,10 +161,15 @@ def linears(model):
     return [b.adaLN_modulation[1] for b in model.blocks] + [model.final_layer.adaLN_modulation[1]]
 
 
-@pytest.mark.parametrize("share", [False, True], ids=["copy", "share"])
-def test_pack_matches_each_block(share):
+def aliased(lins):
+    """Whether the weights and biases of `lins` are consecutive views of one buffer each."""
+    return all(A._stack_view(ps) is not None
+               for ps in ([l.weight for l in lins], [l.bias for l in lins]))
+
+
+def test_pack_matches_each_block():
     model = tiny_dit()
-    pack = AdaLNPack(linears(model), share_storage=share)
+    pack = AdaLNPack(linears(model))
     c = torch.randn(2, 72)
     with torch.no_grad():
         outs = pack(c)
@@ -175,78 +181,145 @@ def test_pack_matches_each_block(share):
     assert outs[0].stride() == (6 * 72 * 3 + 2 * 72, 1)
 
 
-def test_pack_cache_reused_and_rebuilt_on_change():
+def test_parameters_are_views_of_one_buffer():
+    """A DiT's adaLN weights and biases live in one stacked buffer each from construction on;
+    state_dict keys and values are those of independent parameters."""
+    lins = [nn.Linear(6, 12), nn.Linear(6, 4)]
+    before = {k: v.clone() for k, v in nn.ModuleList(lins).state_dict().items()}
+    assert not aliased(lins)
+    AdaLNPack(lins)
+    assert aliased(lins)
+    assert lins[1].weight.data_ptr() == lins[0].weight.data_ptr() + 12 * 6 * 4
+    assert lins[1].weight.untyped_storage().data_ptr() == lins[0].weight.untyped_storage().data_ptr()
+    after = nn.ModuleList(lins).state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert torch.equal(after[k], before[k])
+    model = tiny_dit()
+    assert aliased(linears(model))
+    assert all(type(p) is nn.Parameter for lin in linears(model) for p in lin.parameters())
+
+
+def test_pack_follows_every_weight_change():
+    """Nothing is cached: in-place edits, writes through .data, load_state_dict, re-pointed
+    parameters and dtype changes are all seen by the next call."""
     model = tiny_dit()
     lins = linears(model)
     pack = AdaLNPack(lins)
     c = torch.randn(2, 72)
+
+    def check(c=c):
+        with torch.no_grad():
+            for o, r in zip(pack(c), adaln_modulation_ref(c, lins)):
+                torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
+
+    check()
     with torch.no_grad():
-        w1, _ = pack.stacked()
-        w2, _ = pack.stacked()
-        assert w1 is w2  # cached
-        lins[1].weight.add_(0.5)  # in-place edit: version counter
-        w3, _ = pack.stacked()
-        assert w3 is not w1
-        torch.testing.assert_close(pack(c)[1], model.blocks[1].adaLN_modulation(c))
-        model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
-        torch.testing.assert_close(pack(c)[2], model.blocks[2].adaLN_modulation(c))
-        lins[0].weight.data = torch.zeros_like(lins[0].weight)  # new storage: data_ptr
-        torch.testing.assert_close(pack(c)[0], model.blocks[0].adaLN_modulation(c))
-        lins[0].weight.data.fill_(0.25)  # writes through .data are invisible: invalidate()
-        pack.invalidate()
-        torch.testing.assert_close(pack(c)[0], model.blocks[0].adaLN_modulation(c))
-        model.double()  # .to(dtype)
-        cd = c.double()
-        torch.testing.assert_close(pack(cd)[3], model.final_layer.adaLN_modulation(cd))
+        lins[1].weight.add_(0.5)                          # in-place edit
+    check()
+    model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
+    check()
+    lins[0].weight.data.fill_(0.25)                       # through .data (diffusers' EMAModel)
+    check()
+    lins[2].bias.data = torch.randn(6 * 72)               # re-pointed: re-aliased at the next call
+    assert not aliased(lins)
+    check()
+    assert aliased(lins)
+    model.double()                                        # .to(dtype)
+    check(c.double())
+    assert aliased(lins)
 
 
-@pytest.mark.parametrize("share", [False, True], ids=["copy", "share"])
-def test_pack_gradients_reach_each_block(share):
+@pytest.mark.parametrize("grad_c", [True, False], ids=["c-grad", "c-const"])
+def test_pack_gradients_reach_each_block(grad_c):
     model = tiny_dit()
     ref_model = copy.deepcopy(model)
-    pack = AdaLNPack(linears(model), share_storage=share)
-    c = torch.randn(2, 72, requires_grad=True)
-    c_ref = c.detach().clone().requires_grad_()
+    pack = AdaLNPack(linears(model))
+    c = torch.randn(2, 72, requires_grad=grad_c)
+    c_ref = c.detach().clone().requires_grad_(grad_c)
     gs = [torch.randn(2, l.out_features) for l in linears(model)]
     sum((o * g).sum() for o, g in zip(pack(c), gs)).backward()
     sum((o * g).sum() for o, g in zip(adaln_modulation_ref(c_ref, linears(ref_model)), gs)).backward()
-    torch.testing.assert_close(c.grad, c_ref.grad, rtol=1e-5, atol=1e-5)  # summation order
+    if grad_c:
+        torch.testing.assert_close(c.grad, c_ref.grad, rtol=1e-5, atol=1e-5)  # summation order
     for l, r in zip(linears(model), linears(ref_model)):
         torch.testing.assert_close(l.weight.grad, r.weight.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(l.bias.grad, r.bias.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_pack_share_storage_training_step():
-    """share_storage: the parameters live in the stacked buffer; optimizer steps update it."""
+@pytest.mark.parametrize("opt", ["sgd", "adamw-foreach", "adamw-fused", "adamw-for-loop"])
+def test_pack_training_steps_write_the_buffer(opt):
+    """Optimizer steps update the parameters in place, i.e. the stacked buffer: no copy per step
+    and no rebuild, and the model matches an unaliased copy trained the same way."""
     model = tiny_dit()
+    ref = copy.deepcopy(model)
+    for lin in linears(ref):  # an independent copy of every parameter (no aliasing)
+        lin.weight = nn.Parameter(lin.weight.detach().clone())
+        lin.bias = nn.Parameter(lin.bias.detach().clone())
+    assert aliased(linears(model)) and not aliased(linears(ref))
     lins = linears(model)
-    pack = AdaLNPack(lins, share_storage=True)
-    keys = list(model.state_dict().keys())
+    ptr = lins[0].weight.data_ptr()
+
+    def make(m):
+        if opt == "sgd":
+            return torch.optim.SGD(m.parameters(), lr=0.1)
+        kind = opt.split("-", 1)[1]
+        return torch.optim.AdamW(m.parameters(), lr=0.05, foreach=kind == "foreach",
+                                 fused=True if kind == "fused" else None)
+
+    opts = [make(model), make(ref)]
     c = torch.randn(2, 72)
-    pack(c)
-    w, b = pack.stacked()
-    assert lins[1].weight.data_ptr() == w.data_ptr() + 6 * 72 * 72 * w.element_size()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sum(o.square().sum() for o in pack(c)).backward()
-    opt.step()
-    assert pack.stacked()[0] is w  # no rebuild needed
-    with torch.no_grad():
-        torch.testing.assert_close(pack(c)[2], model.blocks[2].adaLN_modulation(c))
-    assert list(model.state_dict().keys()) == keys
+    for _ in range(2):
+        for m, o in zip((model, ref), opts):
+            o.zero_grad()
+            sum(out.square().sum() for out in A.adaln_projections(c, linears(m))).backward()
+            o.step()
+    assert lins[0].weight.data_ptr() == ptr and aliased(lins)
+    for l, r in zip(lins, linears(ref)):
+        torch.testing.assert_close(l.weight, r.weight, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(l.bias, r.bias, rtol=1e-6, atol=1e-7)
 
 
-def test_pack_keeps_state_dict_and_survives_deepcopy():
+def test_pack_survives_deepcopy():
+    """A deep copy (e.g. an EMA model) has its own buffer, aliased by its own parameters."""
     model = tiny_dit()
-    keys = list(model.state_dict().keys())
-    model._adaln_pack = AdaLNPack(linears(model))  # a plain attribute: no state_dict entries
-    assert list(model.state_dict().keys()) == keys
     c = torch.randn(2, 72)
+    ema = copy.deepcopy(model)
+    assert aliased(linears(ema))
+    assert linears(ema)[0].weight.data_ptr() != linears(model)[0].weight.data_ptr()
     with torch.no_grad():
-        model._adaln_pack(c)
-        ema = copy.deepcopy(model)
-        assert ema._adaln_pack._w is None  # caches are not copied
-        assert ema._adaln_pack.linears[0] is ema.blocks[0].adaLN_modulation[1]
-        torch.testing.assert_close(ema._adaln_pack(c)[0], model.blocks[0].adaLN_modulation(c))
+        for p in linears(ema)[1].parameters():
+            p.mul_(0.5)
+        torch.testing.assert_close(A.adaln_projections(c, linears(ema))[1],
+                                   ema.blocks[1].adaLN_modulation(c))
+        torch.testing.assert_close(A.adaln_projections(c, linears(model))[1],
+                                   model.blocks[1].adaLN_modulation(c))
+
+
+def test_pack_leaves_unaliasable_parameters_alone():
+    """Tensors that are not the layers' own nn.Parameters (torch.func.functional_call) are read
+    with a torch.cat per call, never re-pointed."""
+    module = _PackModule(nn.ModuleList([nn.Linear(6, 12), nn.Linear(6, 4)]))
+    AdaLNPack(list(module.lins))
+    c = torch.randn(3, 6)
+    new = {k: torch.randn_like(v) for k, v in module.state_dict().items()}
+    ptrs = {k: v.data_ptr() for k, v in new.items()}
+    with torch.no_grad():
+        got = torch.func.functional_call(module, new, (c,))
+    s = torch.nn.functional.silu(c)
+    for i, g in enumerate(got):
+        torch.testing.assert_close(g, s @ new[f"lins.{i}.weight"].T + new[f"lins.{i}.bias"])
+    assert {k: v.data_ptr() for k, v in new.items()} == ptrs
+    assert aliased(list(module.lins))  # the module's own parameters are back, still aliased
+
+
+class _PackModule(nn.Module):
+    def __init__(self, lins):
+        super().__init__()
+        self.lins = lins
+
+    def forward(self, c):
+        return A.adaln_projections(c, list(self.lins))
 
 
 def test_pack_under_autocast_and_bf16():
@@ -267,6 +340,19 @@ def test_pack_compile_fullgraph():
             torch.testing.assert_close(o, r * 2, rtol=1e-5, atol=1e-6)
 
 
+def test_pack_inside_inference_mode_stays_trainable():
+    """Re-aliasing under torch.inference_mode must not turn the parameters into inference
+    tensors (a later training step would fail)."""
+    lins = [nn.Linear(6, 12), nn.Linear(6, 4)]
+    pack = AdaLNPack(lins)
+    lins[0].weight.data = lins[0].weight.detach().clone()
+    with torch.inference_mode():
+        pack(torch.randn(2, 6))
+    assert aliased(lins) and not any(p.is_inference() for l in lins for p in l.parameters())
+    sum(o.sum() for o in pack(torch.randn(2, 6))).backward()
+    assert lins[0].weight.grad is not None
+
+
 def test_pack_invalid_inputs():
     with pytest.raises(ValueError, match="linears must contain"):
         AdaLNPack([])
@@ -285,9 +371,8 @@ def test_pack_invalid_inputs():
             pack(torch.zeros(2, 4))
 
 
-@pytest.mark.parametrize("share", [False, True], ids=["copy", "share"])
-def test_pack_gradcheck_float64(share):
+def test_pack_gradcheck_float64():
     lins = [nn.Linear(6, 12).double(), nn.Linear(6, 4).double()]
-    pack = AdaLNPack(lins, share_storage=share)
+    pack = AdaLNPack(lins)
     c = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda c: torch.cat(pack(c), dim=1), (c,))

@@ -14,9 +14,10 @@
 # - The forward pass runs dit_fast's fused ops (dit_fast.ops; each picks a backend: cuda, triton, cpu
 #   or reference, see dit_fast._backends), with the same parameters and state_dict keys:
 #     patch_embed      PatchEmbed's conv + pos_embed as one GEMM with a fused epilogue
-#     timestep_embedding + AdaLNPack
+#     timestep_embedding + adaln_projections
 #                      the sinusoidal embedding in one kernel; the adaLN projections of ALL blocks
-#                      and of the final layer as ONE GEMM (they all read the same c)
+#                      and of the final layer as ONE GEMM (they all read the same c) over their
+#                      weights, which are views into one stacked buffer
 #     ln_modulate      modulate(norm1(x), shift, scale) in one pass
 #     attention_qkv    attention straight from the qkv Linear's output
 #     gated_residual_ln_modulate
@@ -41,9 +42,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _backends, nvtx
-from ..ops import (AdaLNPack, attention_qkv, gated_residual, gated_residual_ln_modulate, linear_gelu,
+from ..ops import (attention_qkv, gated_residual, gated_residual_ln_modulate, linear_gelu,
                    ln_modulate, patch_embed, timestep_embedding)
 from ..ops import unpatchify as unpatchify_tokens
+from ..ops.adaln import adaln_projections, share_adaln_storage
 from ..ops.linear import linear
 
 BLOCK_TYPES = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")
@@ -426,12 +428,30 @@ class DiT(nn.Module):
         ])
         adaptive = block in ("adaLN-Zero", "adaLN")
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive=adaptive)
-        # The adaLN projections of every block and of the final layer read the same c: one GEMM
-        # (AdaLNPack is not an nn.Module: it adds no state_dict keys; the layers' own parameters
-        # stay the source of truth).
-        self._adaln = (AdaLNPack([b.adaLN_modulation[1] for b in self.blocks]
-                                 + [self.final_layer.adaLN_modulation[1]]) if adaptive else None)
         self.initialize_weights()
+        # The adaLN projections of every block and of the final layer read the same c: one GEMM
+        # over their weights stacked in one buffer, of which each layer's weight and bias are views
+        # (same parameters and state_dict; nothing cached, so nothing can go stale).
+        self._share_adaln_storage()
+
+    # .to() / .double() / .cuda() convert every parameter into its own storage, and deepcopy /
+    # unpickling clone each one: re-alias the adaLN weights right away (the forward would
+    # otherwise do it at its first call), so that an optimizer or DDP built next sees the layout
+    # it trains with.
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self._share_adaln_storage()
+        return self
+
+    def __setstate__(self, state):
+        state.pop("_adaln", None)  # the cached adaLN pack of models pickled by earlier versions
+        super().__setstate__(state)
+        self._share_adaln_storage()
+
+    def _share_adaln_storage(self):
+        linears = self._adaln_linears() if self.block in ("adaLN-Zero", "adaLN") else None
+        if linears is not None:
+            share_adaln_storage(linears)
 
     @classmethod
     def from_pretrained(cls, name_or_path, key="ema", **overrides):
@@ -527,17 +547,32 @@ class DiT(nn.Module):
 
     def block_modulations(self, c):
         """adaLN blocks: [adaLN_modulation(c) of each block, then of the final layer], as one GEMM
-        for all of them (AdaLNPack), except under the reference backend (eager), which runs the
-        official per-layer Linear(SiLU(c)) so that the model stays bit-identical to the official
-        one. Other blocks: None."""
+        for all of them (ops.adaln_projections over the layers as they are now), except under the
+        reference backend (eager), which runs the official per-layer Linear(SiLU(c)) so that the
+        model stays bit-identical to the official one, and for layers replaced by anything other
+        than a plain SiLU + Linear (e.g. a LoRA wrapper), which run as they are. Other blocks:
+        None."""
         if self.block not in ("adaLN-Zero", "adaLN"):
             return None
-        pack = getattr(self, "_adaln", None)  # (None too for a model pickled before it existed)
-        if pack is None or (not torch.compiler.is_compiling()
-                            and _backends.requested_backend() == "reference"):
+        linears = self._adaln_linears()
+        if linears is None or (not torch.compiler.is_compiling()
+                               and _backends.requested_backend() == "reference"):
             layers = [b.adaLN_modulation for b in self.blocks] + [self.final_layer.adaLN_modulation]
             return [layer(c) for layer in layers]
-        return pack(c)
+        return adaln_projections(c, linears)
+
+    def _adaln_linears(self):
+        """The Linear of every adaLN_modulation (blocks, then final layer), looked up now, or None
+        if one of them is not the official nn.Sequential(nn.SiLU(), nn.Linear) without hooks."""
+        linears = []
+        for seq in [b.adaLN_modulation for b in self.blocks] + [self.final_layer.adaLN_modulation]:
+            if not (type(seq) is nn.Sequential and len(seq) == 2 and type(seq[0]) is nn.SiLU
+                    and type(seq[1]) is nn.Linear):
+                return None
+            if any(m._forward_hooks or m._forward_pre_hooks for m in (seq, seq[0], seq[1])):
+                return None
+            linears.append(seq[1])
+        return linears
 
     def run_blocks(self, x, c, mods, start, stop):
         """Blocks [start, stop) -> (x, h). adaLN blocks fuse each block's last residual update with

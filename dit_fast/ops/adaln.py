@@ -1,14 +1,23 @@
 """Conditioning ops of DiT: the adaLN projections of all blocks as one batched GEMM, and the fused
 sinusoidal timestep embedding.
 
-(a) `AdaLNPack`: every DiT block computes ``adaLN_modulation(c) = Linear(SiLU(c))`` from the same
-    c (N, D). Stacking the blocks' weights (depth*6D, D) turns depth small GEMMs (and depth SiLUs)
-    into one ``SiLU(c) @ W_all^T + b_all``; each block gets an (N, 6D) view of the result (row
-    stride depth*6D, unit stride along 6D, which ln_modulate reads in place). The stacked weight
-    is cached and rebuilt only when a source parameter changed (its data_ptr, `_version`, dtype
-    or shape); gradients flow back to every block's own weight and bias. The GEMM runs on the
-    vendor BLAS (cuBLAS / oneDNN / MKL) through torch on every backend: a hand-written kernel would
-    not beat it, and SiLU(c) is a tiny (N, D) elementwise op.
+(a) `adaln_projections(c, linears)` / `AdaLNPack`: every DiT block computes
+    ``adaLN_modulation(c) = Linear(SiLU(c))`` from the same c (N, D). Stacking the blocks' weights
+    (depth*6D, D) turns depth small GEMMs (and depth SiLUs) into one ``SiLU(c) @ W_all^T + b_all``;
+    each block gets an (N, 6D) view of the result (row stride depth*6D, unit stride along 6D,
+    which ln_modulate reads in place). The stacked weight is not a copy: the layers' parameters
+    are views into one buffer (`share_adaln_storage`), so optimizer steps, ``param.data`` writes
+    (diffusers' EMAModel), load_state_dict and in-place edits change the buffer itself and the
+    GEMM can never read stale weights. Every call checks, with pointer compares, that each
+    parameter still sits at its place in the buffer, and re-aliases when something re-pointed one
+    (``param.data = new``, ``.to()``, ``load_state_dict(assign=True)``, a swapped layer).
+    Gradients flow back to every layer's own weight and bias. The parameters stay distinct
+    nn.Parameters (views): optimizers (foreach and fused included) and DDP (its buckets hold
+    gradients; its broadcasts copy into the parameters in place) treat them as independent ones.
+    The GEMM runs on the vendor BLAS (cuBLAS / oneDNN / MKL) through torch on every backend: a
+    hand-written kernel would not beat it, and SiLU(c) is a tiny (N, D) elementwise op. Under
+    torch.compile the weights are stacked with torch.cat inside the graph (pointer checks cannot
+    run there).
 
 (b) `timestep_embedding(t, dim=256, max_period=10000)`: ``TimestepEmbedder.timestep_embedding``
     in one kernel: [cos(t * freqs), sin(t * freqs)] (+ a zero column for odd dim), float32 math
@@ -19,16 +28,15 @@ sinusoidal timestep embedding.
 
 Model wiring (dit_fast/models/dit.py)::
 
-    # DiT.__init__, after the blocks and final layer are built (not an nn.Module: no state_dict
-    # keys are added):
-    self._adaln = AdaLNPack([b.adaLN_modulation[1] for b in self.blocks]
-                            + [self.final_layer.adaLN_modulation[1]])
-    # DiT.forward, with c = t + y:
-    mods = self._adaln(c)                 # list: (N, 6D) per block, then (N, 2D) for the final layer
-    for block, mod in zip(self.blocks, mods):
-        x = block(x, c, mod)              # block uses mod.chunk(6, dim=1) instead of adaLN_modulation(c)
+    # DiT.__init__, after the blocks and final layer are built:
+    share_adaln_storage(self.adaln_layers())   # per-block parameters become views of one buffer
+    # DiT.block_modulations, with c = t + y (the layers are looked up at every call):
+    mods = adaln_projections(c, self.adaln_layers())  # (N, 6D) per block, then (N, 2D) final
     # TimestepEmbedder.forward:
     t_freq = timestep_embedding(t, self.frequency_embedding_size, dtype=self.mlp[0].weight.dtype)
+
+Caches: none of weights here. `_FREQS` caches the frequency table of (dim, max_period, device),
+a constant that no weight update changes.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from torch import Tensor
 from .. import _backends, nvtx, validation
 from ._eager import eager_inference
 
-__all__ = ["AdaLNPack", "adaln_modulation", "adaln_modulation_ref", "timestep_embedding",
+__all__ = ["AdaLNPack", "adaln_projections", "share_adaln_storage", "adaln_modulation", "adaln_modulation_ref", "timestep_embedding",
            "timestep_embedding_ref", "OP_TIMESTEP_EMBEDDING"]
 
 OP_TIMESTEP_EMBEDDING = "timestep_embedding"
@@ -238,127 +246,136 @@ class _Alias(torch.autograd.Function):
         return (None, None) + tuple(g.view(s) for g, s in zip(parts, ctx.shapes))
 
 
+def _stack_view(ts: Sequence[Tensor]) -> Optional[Tensor]:
+    """The stacked (sum of rows, ...) tensor whose consecutive row blocks `ts` are, or None if
+    they are not laid out that way: same dtype, device and trailing shape, contiguous, each
+    starting where the previous one ends, inside the first one's storage. Pointer compares only:
+    anything that re-points a parameter (``param.data = ...``, ``.to()``,
+    ``load_state_dict(assign=True)``, a swapped layer) makes it return None."""
+    t0 = ts[0]
+    dtype, device, dim = t0.dtype, t0.device, t0.dim()
+    if dim not in (1, 2):
+        return None
+    row = t0.size(-1) if dim == 2 else 1  # elements per row (weights: in_features; biases: 1)
+    ptr = start = t0.data_ptr()
+    for t in ts:  # (the cheapest tensor attributes: this runs at every call)
+        if (t.data_ptr() != ptr or t.dtype != dtype or t.device != device or t.dim() != dim
+                or (dim == 2 and t.size(1) != row) or not t.is_contiguous()):
+            return None
+        ptr += t.nbytes
+    storage = t0.untyped_storage()
+    if start == 0 or ptr - storage.data_ptr() > storage.nbytes():
+        return None
+    rows = (ptr - start) // (row * t0.element_size())
+    return t0.detach().as_strided((rows, row) if dim == 2 else (rows,), (row, 1) if dim == 2 else (1,),
+                                  t0.storage_offset())
+
+
+def _check_layers(linears: Sequence[nn.Linear]) -> None:
+    for i, lin in enumerate(linears):
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"AdaLNPack: linears[{i}] must be an nn.Linear, got {type(lin).__name__}")
+        if lin.in_features != linears[0].in_features:
+            raise ValueError(f"AdaLNPack: linears[{i}] has in_features={lin.in_features}, expected "
+                             f"{linears[0].in_features} (all layers must read the same c)")
+        if (lin.bias is None) != (linears[0].bias is None):
+            raise ValueError(f"AdaLNPack: linears[{i}] must have a bias iff linears[0] has one")
+        w0 = linears[0].weight
+        for name, p in (("weight", lin.weight), ("bias", lin.bias)):
+            if p is not None and (p.dtype != w0.dtype or p.device != w0.device):
+                raise ValueError(f"AdaLNPack: linears[{i}].{name} is {p.dtype} on {p.device}, "
+                                 f"expected {w0.dtype} on {w0.device} (all layers must match)")
+
+
+def _aliasable(params: Sequence[Tensor]) -> bool:
+    """Whether `params` may be re-pointed into one buffer: the layers' own nn.Parameters, on a
+    real device. Anything else (torch.func.functional_call's tensors, tensor subclasses such as
+    DTensor, meta tensors) is only read (stacked with torch.cat per call)."""
+    return all(type(p) is nn.Parameter and p.device.type != "meta" and p.numel() > 0 for p in params)
+
+
+def share_adaln_storage(linears: Sequence[nn.Linear]) -> bool:
+    """Re-points the layers' weights (and biases) into one stacked buffer, in order, so that
+    ``SiLU(c) @ W_all^T + b_all`` reads the parameters themselves: nothing to copy or refresh.
+    Values, shapes, parameter objects and state_dict keys are unchanged; a no-op if they already
+    share one buffer. Returns False (and changes nothing) for parameters that are not plain
+    nn.Parameters (see `_aliasable`)."""
+    linears = list(linears)
+    _check_layers(linears)
+    groups = [[lin.weight for lin in linears]]
+    if linears[0].bias is not None:
+        groups.append([lin.bias for lin in linears])
+    if not all(_aliasable(ps) for ps in groups):
+        return False
+    # never inside inference mode (the buffer would be an inference tensor, unusable for training)
+    # nor under autograd (this is storage bookkeeping, not math)
+    with torch.inference_mode(False), torch.no_grad():
+        for ps in groups:
+            if _stack_view(ps) is None:
+                buf = torch.cat([p.detach() for p in ps], dim=0)
+                for p, view in zip(ps, buf.split([p.shape[0] for p in ps], dim=0)):
+                    p.data = view
+    return True
+
+
+def _stacked(ps: Sequence[Tensor], linears: Sequence[nn.Linear]) -> Tensor:
+    """The parameters `ps` stacked along dim 0: their shared buffer when they are aliased (after
+    re-aliasing them if something re-pointed one), else a torch.cat (differentiable)."""
+    if not torch.compiler.is_compiling() and all(type(p) is nn.Parameter for p in ps):
+        w = _stack_view(ps)
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if w is None and not capturing and share_adaln_storage(linears):
+            w = _stack_view(ps)
+        if w is not None:
+            if torch.is_grad_enabled() and any(p.requires_grad for p in ps):
+                w = _Alias.apply(w, [p.shape[0] for p in ps], *ps)
+            return w
+    if not torch.compiler.is_compiling():
+        _check_layers(linears)
+    return torch.cat(list(ps), dim=0)
+
+
+@nvtx.annotate("dit_fast.AdaLNPack")
+def adaln_projections(c: Tensor, linears: Sequence[nn.Linear]) -> List[Tensor]:
+    """``[lin(SiLU(c)) for lin in linears]`` as views of ONE (N, sum(out)) GEMM output.
+
+    The parameters are aliased into one stacked buffer (`share_adaln_storage`), which the GEMM
+    reads directly: no copy in training or inference and nothing that can go stale. Every call
+    checks with pointer compares that each current parameter still sits at its place in the
+    buffer and re-aliases otherwise (after ``param.data = ...``, ``.to()``,
+    ``load_state_dict(assign=True)`` or a swapped layer), so callers pass the layers as they are
+    now (DiT looks them up from its blocks at every call). Under torch.compile, CUDA-graph capture
+    or for parameters that cannot be aliased, the weights are stacked with torch.cat per call.
+    Gradients flow back to every layer's own weight and bias.
+    """
+    linears = list(linears)
+    if not linears:
+        raise ValueError("AdaLNPack: linears must contain at least one nn.Linear")
+    d = linears[0].in_features if isinstance(linears[0], nn.Linear) else None
+    if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[1] != d:
+        shape = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+        raise ValueError(f"AdaLNPack: c must have shape (N, {d}), got {shape}")
+    w = _stacked([lin.weight for lin in linears], linears)
+    b = _stacked([lin.bias for lin in linears], linears) if linears[0].bias is not None else None
+    out = adaln_modulation(c, w, b)                                  # (N, sum(out))
+    return list(out.split([lin.out_features for lin in linears], dim=1))
+
+
 class AdaLNPack:
-    """All adaLN projections that share the conditioning input, computed as ONE GEMM.
+    """A fixed list of adaLN projections that share the conditioning input, computed as ONE GEMM:
+    ``AdaLNPack(linears)(c) == [lin(SiLU(c)) for lin in linears]`` (`adaln_projections`).
 
-    ``pack = AdaLNPack([blk.adaLN_modulation[1] for blk in model.blocks] + [...])`` then
-    ``pack(c)`` returns ``[lin(SiLU(c)) for lin in linears]`` as views of one (N, sum(out)) GEMM
-    output. Not an nn.Module (holding it on a model adds no state_dict keys); the layers' own
-    parameters stay the source of truth.
-
-    Caching: the stacked weight/bias are rebuilt only when a parameter changed (data_ptr,
-    `_version` counter, dtype, device or shape; `.to()`, `load_state_dict`, optimizer steps and
-    in-place edits are detected; writes through ``param.data`` are not: call `invalidate()`).
-
-    share_storage=True: after stacking, every parameter is re-pointed (``param.data = view``) into
-    the stacked buffer, so the pack costs no extra memory and never needs a rebuild after in-place
-    updates (training: optimizer steps write the pack directly). The parameters then share one
-    storage; state_dict keys and values are unchanged, but tools that refuse shared storage
-    (safetensors) need ``{k: v.clone() ...}``. Off by default.
-
-    Gradients: with grad enabled and a parameter requiring grad, copy mode stacks with torch.cat
-    (autograd splits the gradient back); share mode uses the aliased buffer directly. Under
-    torch.compile the stacked weight is built with torch.cat inside the graph (no cache checks).
+    Construction aliases the layers' parameters into one stacked buffer (`share_adaln_storage`).
+    Not an nn.Module and holds no tensors: nothing to invalidate, nothing added to a state_dict.
+    A model whose layers can be swapped should call `adaln_projections(c, current_layers)`
+    instead of holding a pack (DiT does).
     """
 
-    def __init__(self, linears: Sequence[nn.Linear], share_storage: bool = False):
-        linears = list(linears)
-        if not linears:
+    def __init__(self, linears: Sequence[nn.Linear]):
+        self.linears = list(linears)
+        if not self.linears:
             raise ValueError("AdaLNPack: linears must contain at least one nn.Linear")
-        for i, lin in enumerate(linears):
-            if not isinstance(lin, nn.Linear):
-                raise ValueError(f"AdaLNPack: linears[{i}] must be an nn.Linear, got {type(lin).__name__}")
-            if lin.in_features != linears[0].in_features:
-                raise ValueError(f"AdaLNPack: linears[{i}] has in_features={lin.in_features}, expected "
-                                 f"{linears[0].in_features} (all layers must read the same c)")
-            if (lin.bias is None) != (linears[0].bias is None):
-                raise ValueError(f"AdaLNPack: linears[{i}] must have a bias iff linears[0] has one")
-        self.linears = linears
-        self.share_storage = bool(share_storage)
-        self.sizes = [lin.out_features for lin in linears]
-        self.invalidate()
+        share_adaln_storage(self.linears)
 
-    # -- cache ---------------------------------------------------------------------------------
-
-    def invalidate(self) -> None:
-        """Drops the cached stacked weight (rebuilt at the next call)."""
-        self._w: Optional[Tensor] = None
-        self._b: Optional[Tensor] = None
-        self._key: Optional[tuple] = None
-
-    def __getstate__(self):  # pickling / deepcopy (e.g. an EMA copy of the model): no cache
-        state = self.__dict__.copy()
-        state.update(_w=None, _b=None, _key=None)
-        return state
-
-    def _params(self) -> List[Tensor]:
-        ps = [lin.weight for lin in self.linears]
-        if self.linears[0].bias is not None:
-            ps += [lin.bias for lin in self.linears]
-        return ps
-
-    def _current_key(self) -> tuple:
-        if self.share_storage:  # aliased params: only their location matters
-            return tuple((p.data_ptr(), p.dtype, p.device, tuple(p.shape)) for p in self._params())
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
-                     for p in self._params())
-
-    def _check_params(self) -> None:
-        w0 = self.linears[0].weight
-        for i, lin in enumerate(self.linears):
-            for name, p in (("weight", lin.weight), ("bias", lin.bias)):
-                if p is None:
-                    continue
-                if p.dtype != w0.dtype or p.device != w0.device:
-                    raise ValueError(f"AdaLNPack: linears[{i}].{name} is {p.dtype} on {p.device}, "
-                                     f"expected {w0.dtype} on {w0.device} (all layers must match)")
-
-    @torch.no_grad()
-    def _rebuild(self) -> None:
-        self._check_params()
-        w = torch.cat([lin.weight for lin in self.linears], dim=0)
-        b = (torch.cat([lin.bias for lin in self.linears], dim=0)
-             if self.linears[0].bias is not None else None)
-        if self.share_storage:
-            for lin, wv in zip(self.linears, w.split(self.sizes, dim=0)):
-                lin.weight.data = wv
-            if b is not None:
-                for lin, bv in zip(self.linears, b.split(self.sizes, dim=0)):
-                    lin.bias.data = bv
-        self._w, self._b = w, b
-        self._key = self._current_key()
-
-    def stacked(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """The current (weight (sum(out), D), bias (sum(out),) or None), rebuilt if stale.
-        Not differentiable (see `__call__`)."""
-        if self._w is None or self._key != self._current_key():
-            self._rebuild()
-        return self._w, self._b
-
-    # -- forward -------------------------------------------------------------------------------
-
-    @nvtx.annotate("dit_fast.AdaLNPack")
     def __call__(self, c: Tensor) -> List[Tensor]:
-        """[lin(SiLU(c)) for lin in linears], as views of one (N, sum(out)) GEMM output."""
-        if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[1] != self.linears[0].in_features:
-            shape = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
-            raise ValueError(f"AdaLNPack: c must have shape (N, {self.linears[0].in_features}), "
-                             f"got {shape}")
-        has_bias = self.linears[0].bias is not None
-        params = self._params()
-        if torch.compiler.is_compiling():
-            w = torch.cat([lin.weight for lin in self.linears], dim=0)
-            b = torch.cat([lin.bias for lin in self.linears], dim=0) if has_bias else None
-        elif torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            if self.share_storage:
-                w, b = self.stacked()
-                w = _Alias.apply(w, self.sizes, *[lin.weight for lin in self.linears])
-                if has_bias:
-                    b = _Alias.apply(b, self.sizes, *[lin.bias for lin in self.linears])
-            else:
-                w = torch.cat([lin.weight for lin in self.linears], dim=0)
-                b = torch.cat([lin.bias for lin in self.linears], dim=0) if has_bias else None
-        else:
-            w, b = self.stacked()
-        out = adaln_modulation(c, w, b)
-        return list(out.split(self.sizes, dim=1))
+        return adaln_projections(c, self.linears)

@@ -17,16 +17,19 @@ and `dpm_solver_pp_update` (the reference of the fused step DPMSolverPlusPlus ru
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _backends
 from ..diffusion import create_diffusion
 from ..diffusion.dpm_solver import DPMSolverPlusPlus, create_dpm_solver
 from ..diffusion.gaussian_diffusion import GaussianDiffusion
 
 __all__ = ["SAMPLERS", "MODES", "DiffusionStepper", "LoopRunner", "find_step_cache", "make_sampler", "sample_loop",
-           "default_steps"]
+           "default_steps", "model_modules", "weights_key"]
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "sde-dpm-solver++")
 MODES = ("eager", "compile", "cuda_graph", "compile_cuda_graph")
@@ -144,12 +147,59 @@ def find_step_cache(model: Model) -> Any:
     return None
 
 
+def model_modules(model: Model) -> List[torch.nn.Module]:
+    """The nn.Modules behind a model callable: the callable itself, a bound method's owner, the
+    function and arguments of a functools.partial, `__wrapped__`, and modules a closure captured
+    (e.g. ``lambda x, t, **kw: dit.forward_with_cfg(x, t, **kw)``). A module reached only through
+    a global name is not found: pass the module or one of its methods."""
+    found: List[torch.nn.Module] = []
+    todo, seen = [model], set()
+    while todo:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen or len(seen) > 64:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            found.append(obj)
+            continue
+        todo += [getattr(obj, "__self__", None), getattr(obj, "__wrapped__", None), getattr(obj, "func", None)]
+        if isinstance(obj, functools.partial):
+            todo += [*obj.args, *obj.keywords.values()]
+        todo += [cell.cell_contents for cell in (getattr(obj, "__closure__", None) or ())
+                 if _cell_filled(cell)]
+    return found
+
+
+def _cell_filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def weights_key(model: Model) -> tuple:
+    """The identity of every parameter and buffer of the modules behind `model` (address, dtype,
+    device, shape, strides) and their train/eval flags: it changes whenever something re-points
+    weight memory (``param.data = ...``, ``.to()``, ``load_state_dict(assign=True)``, a swapped
+    submodule, the adaLN buffer re-aliased) or switches a mode, which a captured CUDA graph would
+    otherwise silently ignore."""
+    key = []
+    for module in model_modules(model):
+        key.append(tuple(m.training for m in module.modules()))
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            key.append((t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride()))
+    return tuple(key)
+
+
 class LoopRunner:
     """A reusable denoising loop: `runner(noise, model_kwargs)` -> samples.
 
     Keeps the compiled step and, in the CUDA-graph modes, the captured graph with its static buffers
     across calls, so that sampling many batches of one shape (sample_ddp) compiles and captures once.
-    A call whose shapes, dtypes or non-tensor model_kwargs differ from the captured ones recaptures.
+    A call whose shapes, dtypes or non-tensor model_kwargs differ from the captured ones recaptures,
+    and so does one after the model's weights were re-pointed (see `weights_key`); in-place weight
+    updates are read by the captured graph as they are.
 
     :param model: callable model(x, t, **model_kwargs), e.g. `dit` or `dit.forward_with_cfg`.
     :param sampler: a stepper (make_sampler), a GaussianDiffusion (DDPM steps) or a DPMSolverPlusPlus.
@@ -223,18 +273,22 @@ class LoopRunner:
             x, state = self._step(x, i, self._draw_noise(x), state)
         return x
 
-    @staticmethod
-    def _key(x: torch.Tensor, kwargs: Dict[str, Any]):
+    def _key(self, x: torch.Tensor, kwargs: Dict[str, Any]):
+        """What a captured graph depends on beyond the values in memory: the shapes, dtypes and
+        devices of the inputs, the non-tensor model_kwargs, the requested backend, and the model's
+        weights' identity (`weights_key`). In-place weight updates (optimizer steps,
+        load_state_dict, EMA ``param.data.copy_``) keep the key: the graph reads them."""
         def sig(v):
             return ("T", tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else ("V", repr(v))
-        return (tuple(x.shape), x.dtype, x.device, tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
+        return (tuple(x.shape), x.dtype, x.device, tuple(sorted((k, sig(v)) for k, v in kwargs.items())),
+                _backends.requested_backend(), weights_key(self.model))
 
-    def _run_graph(self, x: torch.Tensor, kwargs: Dict[str, Any], indices) -> torch.Tensor:  # pragma: no cover - GPU only
+    def _run_graph(self, x: torch.Tensor, kwargs: Dict[str, Any], indices) -> torch.Tensor:
         """Replay one captured step for every step (see the module docstring)."""
-        key = self._key(x, kwargs)
-        if self._graph is None or key != self._graph_key:
+        if self._graph is None or self._key(x, kwargs) != self._graph_key:
             self._capture(x, kwargs)
-            self._graph_key = key
+            # after the capture: its warm-up may re-point weights once (the adaLN buffer re-aliases)
+            self._graph_key = self._key(x, kwargs)
         g = self._graph
         g["x"].copy_(x)
         for k, v in kwargs.items():
