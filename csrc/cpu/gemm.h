@@ -28,8 +28,8 @@ constexpr int64_t kGemmMr = 6, kGemmNr = 16, kGemmKc = 256, kGemmMc = 48;
 // Floats in the packed copy of an (N, K) weight: K * round_up(N, 16).
 int64_t linear_packed_numel(int64_t N, int64_t K);
 
-// w (N, K) row-major -> packed (linear_packed_numel(N, K) floats). num_threads <= 0: OpenMP default.
-Status linear_pack(const float* w, int64_t N, int64_t K, float* packed, int num_threads = 0);
+// w (N, K) row-major -> packed (linear_packed_numel(N, K) floats).
+Status linear_pack(const float* w, int64_t N, int64_t K, float* packed);
 
 // out (M, N) (row stride ldo >= N) = epilogue(x (M, K) (row stride ldx >= K) @ W^T + bias), with
 // W given by its packed copy; bias: (N) or nullptr. num_threads <= 0: OpenMP default.
