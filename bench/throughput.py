@@ -13,10 +13,13 @@ Modes (one timed iteration each):
   step (GaussianDiffusion.p_sample_step_cfg). The full 250-step sample time is derived: 250 x ms.
 
 Implementations: reference (dit_fast's model under the reference backend: the official math),
-reference+compile, diffusers (DiTTransformer2DModel), official (--reference-repo), dit_fast[<backend>]
-for each backend that runs here, and on CPU dit_fast-blas: dit_fast[cpu] with torch's GEMM for the
-Linear layers instead of the packed-weight GEMM (DIT_FAST_CPU_GEMM=0), which isolates that GEMM's share
-(the two are the same in train mode, where the packed GEMM is not used).
+reference+compile (torch.compile of it: the baseline a user would pick instead), diffusers
+(DiTTransformer2DModel), official (--reference-repo), dit_fast[<backend>] for each backend that runs
+here, dit_fast+compile (torch.compile of the dit_fast model, automatic backend), and on CPU
+dit_fast-blas: dit_fast[cpu] with torch's GEMM for the Linear layers instead of dit_fast.ops.linear's
+(DIT_FAST_CPU_GEMM=0), which isolates those GEMMs' share (the two are the same in train mode, where
+torch's GEMM runs). On CPU the default list times the two compiled rows in forward mode only (the
+CPU compile takes about a minute per model), so the default run stays within about 5 minutes.
 
 Every implementation runs in this one process, on the same weights and inputs. After warm-up they are
 timed in turns (A B C A B C ...), so that a machine's drift hits all of them alike; the table gives the
@@ -59,9 +62,11 @@ import dit_fast  # noqa: E402
 from dit_fast import DiT_models  # noqa: E402
 from dit_fast.diffusion import create_diffusion  # noqa: E402
 from dit_fast.flops import dit_config, dit_gflops, true_gflop_per_image  # noqa: E402
+from dit_fast.ops.linear import cpu_isa_info, linear_paths  # noqa: E402
 
 MODES = ("forward", "train", "sample")
-IMPLS = ("reference", "reference+compile", "diffusers", "official", "dit_fast", "dit_fast-blas")
+IMPLS = ("reference", "reference+compile", "diffusers", "official", "dit_fast", "dit_fast+compile", "dit_fast-blas")
+CPU_COMPILE_MODES = ("forward",)  # the compiled rows' modes in the default CPU list
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CFG_SCALE = 4.0
 SAMPLE_STEPS = 250
@@ -78,9 +83,9 @@ class Impl:
     "wrap" (forward_with_cfg's computation around the callable + p_sample) or "fused" (one forward on
     the doubled batch + GaussianDiffusion.p_sample_step_cfg, dit_fast's fused guided step)."""
 
-    def __init__(self, name, build, dtype, backend=None, cfg="method", env=None):
+    def __init__(self, name, build, dtype, backend=None, cfg="method", env=None, modes=MODES):
         self.name, self.build, self.dtype, self.backend, self.cfg = name, build, dtype, backend, cfg
-        self.env = env or {}
+        self.env, self.modes = env or {}, modes
 
     def context(self, device, autocast):
         stack = contextlib.ExitStack()
@@ -129,6 +134,7 @@ def build_impls(args, base, device):
     impls, skipped = [], {}
     wanted = args.impls.split(",")
     fp32 = torch.float32
+    compile_modes = CPU_COMPILE_MODES if args.cpu_default_impls else MODES
 
     def clone(dtype):
         return copy.deepcopy(base).to(device=device, dtype=dtype)
@@ -137,7 +143,7 @@ def build_impls(args, base, device):
         impls.append(Impl("reference", clone, fp32, backend="reference"))
     if "reference+compile" in wanted:
         impls.append(Impl("reference+compile", lambda d: torch.compile(clone(d)), fp32, backend="reference",
-                          cfg="wrap"))
+                          cfg="wrap", modes=compile_modes))
     if "diffusers" in wanted:
         try:
             from dit_fast.interop.diffusers import to_diffusers_model
@@ -172,6 +178,10 @@ def build_impls(args, base, device):
                 continue
             for dname in args.dtype.split(","):
                 impls.append(Impl(f"dit_fast[{backend}]", clone, DTYPES[dname], backend=backend, cfg="fused"))
+    if "dit_fast+compile" in wanted:
+        for dname in args.dtype.split(","):
+            impls.append(Impl("dit_fast+compile", lambda d: torch.compile(clone(d)), DTYPES[dname], cfg="fused",
+                              modes=compile_modes))
     if "dit_fast-blas" in wanted:  # the cpu backend with torch's GEMM instead of the packed one
         status = dit_fast.backends()["cpu"]
         if device.type != "cpu" or not status.available:
@@ -378,12 +388,8 @@ def _cpu_model():
 
 
 def _cpu_has_bf16():
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 / AMX); without, bf16 GEMMs
-    are emulated and far slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 / AMX)."""
+    return cpu_isa_info()["native_bf16"]
 
 
 def _load_avg():
@@ -423,7 +429,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--impls", default=None,
                    help=f"comma-separated, from {', '.join(IMPLS)} (default GPU: all but official; CPU: "
-                        f"reference,diffusers,dit_fast: torch.compile's CPU compile takes minutes on small machines)")
+                        f"reference,reference+compile,diffusers,dit_fast,dit_fast+compile,dit_fast-blas, the "
+                        f"compiled rows in forward mode only)")
     p.add_argument("--reference-repo", default=None, help="a checkout of facebookresearch/DiT: also times its models.py")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=_positive_int("--iters"), default=None)
@@ -444,8 +451,9 @@ def parse_args(argv=None):
     args.model = args.model or ("DiT-XL/2" if gpu else "DiT-S/2")
     args.batch_size = args.batch_size or (32 if gpu else 8)
     args.dtype = args.dtype or ("bf16" if gpu else "fp32,bf16" if _cpu_has_bf16() else "fp32")
-    args.impls = args.impls or ("reference,reference+compile,diffusers,dit_fast" if gpu
-                                else "reference,diffusers,dit_fast,dit_fast-blas")
+    args.cpu_default_impls = not gpu and args.impls is None
+    args.impls = args.impls or ("reference,reference+compile,diffusers,dit_fast" if gpu else
+                                "reference,reference+compile,diffusers,dit_fast,dit_fast+compile,dit_fast-blas")
     if args.warmup is not None and args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     args.warmup = args.warmup if args.warmup is not None else 1 if args.quick or not gpu else 3
@@ -502,6 +510,8 @@ def main(argv=None):
     dname = device_name(device)
     depth = f" (depth {args.depth})" if args.depth else ""
     print(f"device: {dname}; torch {torch.__version__}; model {args.model}{depth} @ {args.image_size}px, batch {n}")
+    if device.type == "cpu":
+        print(f"CPU ISA: {cpu_isa_info()['summary']}")
     print(f"Gflops (paper convention) {paper_gflops:.2f}; true GFLOP/image (forward) {fwd_gflop:.2f}")
     print("peak matmul TFLOP/s (measured): " + ", ".join(f"{k} {v:.3f}" for k, v in peaks.items()))
     for name, why in skipped.items():
@@ -511,7 +521,8 @@ def main(argv=None):
     for mode in args.modes.split(","):
         diff = sample_diffusion if mode == "sample" else diffusion
         steps = {}
-        for impl in impls:
+        mode_impls = [impl for impl in impls if mode in impl.modes]
+        for impl in mode_impls:
             steps[f"{impl.name} {_dname(impl.dtype)}"] = make_step(mode, impl, inputs, diff, device)
         t0 = time.perf_counter()
         times = time_in_turns(steps, device, args.warmup, args.iters)
@@ -522,7 +533,7 @@ def main(argv=None):
         per_img = MODE_FLOP_FACTOR[mode] * fwd_gflop
         ref_ms = ref_min = None
         mode_rows = []
-        for impl, (label, ms_list) in zip(impls, times.items()):
+        for impl, (label, ms_list) in zip(mode_impls, times.items()):
             ms = statistics.median(ms_list)
             dtype = _dname(impl.dtype)
             tflops = per_img * n / (ms / 1e3) / 1e3
@@ -570,6 +581,8 @@ def main(argv=None):
         depth=args.depth or dit_config(args.model)["depth"], depth_override=args.depth,
         gemm_gflop={m: gemm_gflop(gemm_shapes(args.model, args.image_size, n, m, **over)) for m in args.modes.split(",")},
         skipped=skipped, backends=_backend_report(), rows=rows,
+        cpu_isa=cpu_isa_info() if device.type == "cpu" else None,
+        linear_paths=linear_paths() if device.type == "cpu" else None,
         wall_s=round(time.perf_counter() - started, 1),
         command=shlex.join(["python", "bench/throughput.py", *(argv if argv is not None else sys.argv[1:])]))
     out.write_text(json.dumps(result, indent=1) + "\n")

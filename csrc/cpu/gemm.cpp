@@ -213,15 +213,19 @@ int64_t linear_packed_numel(int64_t N, int64_t K) { return K * num_panels(N) * N
 Status linear_pack(const float* w, int64_t N, int64_t K, float* packed) {
   if (N < 0 || K < 0 || (N * K > 0 && (w == nullptr || packed == nullptr)))
     return Status::kInvalidArgument;
+  // Single-threaded on purpose: 0.05-0.3 ms at DiT-S/2's shapes, and an extra parallel region per
+  // call costs more than that on a loaded machine. The 16 source rows of a panel are read side by
+  // side (16 streams through L1) so that the packed panel is written contiguously.
   const int64_t np = num_panels(N);
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min(KC, K - k0);
     for (int64_t j = 0; j < np; ++j) {
+      const int64_t nr = std::min(NR, N - j * NR);
       float* d = packed + k0 * np * NR + j * kc * NR;
-      for (int64_t c = 0; c < NR; ++c) {
-        const int64_t n = j * NR + c;
-        const float* s = w + n * K + k0;
-        for (int64_t k = 0; k < kc; ++k) d[k * NR + c] = n < N ? s[k] : 0.f;
+      const float* s = w + j * NR * K + k0;
+      for (int64_t k = 0; k < kc; ++k, d += NR) {
+        for (int64_t c = 0; c < nr; ++c) d[c] = s[c * K + k];
+        for (int64_t c = nr; c < NR; ++c) d[c] = 0.f;
       }
     }
   }

@@ -26,8 +26,9 @@
 #                      block's (or the final layer's) input norm
 #     linear_gelu      fc1 with the bias + GELU(tanh) as the GEMM's epilogue
 #     unpatchify       the einsum as one gather
-#     linear           qkv / proj / fc2 / final Linear in CPU float32 inference: a packed-weight
-#                      GEMM (bias, and fc1's GELU, in its epilogue) instead of torch's BLAS
+#     linear           qkv / proj / fc2 / final Linear in CPU float32 / bf16 inference: the
+#                      fastest GEMM measured for the CPU (oneDNN or dit_fast's packed GEMM, bias and
+#                      fc1's GELU in the epilogue) instead of torch's BLAS; also under torch.compile
 #   Under dit_fast.use_backend("reference") every op runs the official PyTorch expressions and
 #   the adaLN projections run one Linear per layer, so the output is bit-identical to the official
 #   model's in float32 (tests/test_model.py, tests/test_diffusion.py).

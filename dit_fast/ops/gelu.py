@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import _backends, nvtx, validation
 from ._eager import eager_inference
-from .linear import packed_gemm_applies, packed_linear
+from .linear import cpu_linear, cpu_linear_applies
 
 __all__ = ["gelu_bias", "gelu_bias_ref", "linear_gelu", "linear_gelu_ref", "OP_NAME"]
 
@@ -239,7 +239,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     The GEMM runs without bias (``F.linear(x, weight)``), then the fused bias + GELU epilogue of
     the selected backend; in eager inference the epilogue works in place on the GEMM output (a
     forced triton backend: one GEMM kernel with the epilogue; the cpu backend on float32: the
-    packed-weight GEMM of dit_fast.ops.linear with bias + GELU as its epilogue). The reference backend (eager) computes the
+    GEMM of dit_fast.ops.linear with bias + GELU as its epilogue). The reference backend (eager) computes the
     official ``F.gelu(F.linear(x, weight, bias), approximate="tanh")``, bit for bit. Under autocast
     the float32 operands are cast to the autocast dtype first (as autocast does for F.linear).
     Differentiable w.r.t. x, weight and bias; torch.compile(fullgraph=True)-friendly. Raises
@@ -274,10 +274,12 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
             # in-place Triton epilogue.
             if backend == "triton" and _backends.requested_backend() == "triton":
                 return _triton().linear_gelu_fwd(x, weight, bias)
-            if backend == "cpu" and packed_gemm_applies(x, weight, bias):
-                return packed_linear(x, weight, bias, gelu=True)  # GELU in the GEMM's epilogue
+            if backend == "cpu" and cpu_linear_applies(x, weight, bias):
+                return cpu_linear(x, weight, bias, gelu=True)  # GELU in the GEMM's epilogue
             h = F.linear(x, weight).contiguous()  # (..., F)
             return _FWD_INPLACE[backend](h, bias)
+    elif cpu_linear_applies(x, weight, bias):  # compiled CPU inference: the same op (ops.linear)
+        return cpu_linear(x, weight, bias, gelu=True)
     return _gelu_bias_op(F.linear(x, weight), bias)
 
 

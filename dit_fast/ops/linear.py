@@ -1,35 +1,42 @@
-"""DiT's Linear layers in CPU inference on a packed-weight GEMM with the bias (and, for fc1, the
-GELU) in its epilogue (csrc/cpu/gemm.cpp):
+"""DiT's token Linear layers (qkv, proj, fc1 + GELU, fc2, final) in CPU inference, on the fastest GEMM
+measured for the CPU and dtype, with the bias (and for fc1 the tanh-GELU) in the GEMM's epilogue:
 
-    linear(module, x)                     = module(x)            module an nn.Linear
-    packed_linear(x, weight, bias, gelu)  = F.linear(x, weight, bias), then gelu_tanh if gelu
+    linear(module, x)                  = module(x)            module an nn.Linear
+    cpu_linear(x, weight, bias, gelu)  = F.linear(x, weight, bias), then gelu_tanh if gelu
 
-On this project's 2-core AVX2 CPU, MKL's fp32 GEMM runs DiT-S/2's Linear shapes (2048 rows,
-K = 384 / 1536) at roughly half of the FMA peak; the 6x16 AVX2 micro-kernel over a weight packed
-once runs them somewhat faster (bench/throughput.py's dit_fast-blas row measures the model
-without it, bench/cpu_gemm.py the GEMMs alone).
+GEMMs (`linear_paths` gives the choice on this machine, bench/results/cpu-gemm-<isa>.json the figures):
+- ``onednn``:   torch.ops.mkldnn._linear_pointwise on the plain (N, K) weight (oneDNN inside torch,
+                bias / GELU fused, every ISA from AVX2 to AMX). A private torch op: used only where
+                this torch has it.
+- ``dit_fast``: dit_fast._C's packed-weight GEMM (csrc/cpu/gemm.cpp, AVX2 6x16 micro-kernel); on the
+                AVX2-only machine measured faster than oneDNN and MKL for fc1 + GELU only.
+- ``torch``:    F.linear (MKL).
+float32: qkv / proj / fc2 / final on ``onednn``, fc1 + GELU on ``dit_fast`` where dit_fast._C runs
+its AVX2 path on a CPU without AVX-512 (elsewhere ``onednn``). bfloat16: on CPUs with bf16 dot
+products (AVX512_BF16 / AMX) ``onednn`` in bf16 (untested: no such CPU here); elsewhere the float32
+GEMM on float32 copies of the operands, rounded back to bf16 (torch's bf16 GEMM is ~6x slower there).
 
-When the packed GEMM runs (`packed_gemm_applies`): eager inference (no autograd, not compiling,
-no dispatch mode), float32 CPU tensors and no CPU autocast, at least `MIN_ROWS` rows, and the
-``cpu`` backend chosen for op ``"linear"`` — under ``auto`` only where dit_fast._C is built and
-the CPU kernels run their AVX2 path (the generic kernel is slower than torch's BLAS); a forced
-``cpu`` backend runs it on either ISA (and raises if dit_fast._C is missing). Everything else —
-training, torch.compile, other dtypes and devices, the reference backend, a Linear with hooks or
-a subclass (LoRA wrappers) — runs the module / ``F.linear`` unchanged.
+No weight cache: the ``dit_fast`` GEMM packs the weight in every call (a K x N pass, about 1% of the
+2048 x K x N GEMM at DiT-S/2's shapes), oneDNN reads the plain weight, and bf16 weights are upcast
+per call. So no route of changing weights (param.data writes, optimizer steps, load_state_dict, .to(),
+deepcopy) can leave a stale copy.
 
-Packed weights are cached per weight tensor and rebuilt when its data_ptr, ``_version`` or shape
-changes (in-place edits, optimizer steps, ``load_state_dict``, ``.to()``); writes through
-``param.data`` bypass the version counter: call `clear_packed_weights()` after those. The cache
-holds one packed copy (about the weight's size) per Linear weight used in CPU inference.
+When it runs (`cpu_linear_applies`): inference (no tensor needs a gradient), CPU tensors of one dtype,
+float32 or bfloat16, no CPU autocast, at least `MIN_ROWS` rows, ``DIT_FAST_CPU_GEMM`` not 0, and in
+eager mode no torch dispatch mode (FlopCounterMode sees F.linear) and the ``cpu`` backend chosen for
+op ``"linear"``. Under torch.compile it is the custom op ``dit_fast::cpu_linear`` (fake kernel,
+registered autograd), which checks the backend when it runs: compiled models keep these GEMMs.
+Everything else (training, the reference backend, a Linear with hooks or a subclass such as a LoRA
+wrapper) runs the module / ``F.linear`` unchanged.
 
-Reference: `linear_ref` (= F.linear). Error: a different summation order from torch's GEMM, held
-by tests/test_linear.py to at most 2x torch's own float32 error against float64.
+Reference: `linear_ref` (= F.linear). Error: a different summation order from torch's GEMM, held by
+tests/test_linear.py to at most 2x torch's own float32 error against float64 (bf16: the bf16 table).
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import weakref
 from typing import Optional
 
 import torch
@@ -40,25 +47,115 @@ from torch import Tensor
 from .. import _backends, validation
 from ._eager import eager_inference
 
-__all__ = ["linear", "linear_ref", "packed_linear", "packed_gemm_applies", "clear_packed_weights",
+__all__ = ["linear", "linear_ref", "cpu_linear", "cpu_linear_applies", "linear_paths", "cpu_isa_info",
            "OP_NAME", "MIN_ROWS"]
 
 OP_NAME = "linear"
 MIN_ROWS = 32  # below this (the adaLN / timestep GEMMs: one row per sample) torch's GEMM is used
-_ENV_OFF = "DIT_FAST_CPU_GEMM"  # =0 turns the packed GEMM off (benchmarks: torch's GEMM instead)
+_ENV_OFF = "DIT_FAST_CPU_GEMM"  # =0 turns these GEMMs off (benchmarks: torch's GEMM instead)
+_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _avx2_reason(_t: Tensor) -> Optional[str]:
-    from .. import _C  # runs only after the cpu probe passed: dit_fast._C imports
-    isa = _C.cpu_isa()
-    if isa != "avx2":
-        return (f"the CPU kernels run their {isa} path here; its scalar GEMM is slower than torch's "
-                f"BLAS, so auto keeps torch's GEMM (force the cpu backend to run it anyway)")
+def linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Reference: ``F.linear(x, weight, bias)``."""
+    return F.linear(x, weight, bias)
+
+
+# ---- CPU ISA ----------------------------------------------------------------------------------
+
+_ISA_FLAGS = ("avx2", "fma3", "f16c", "avx512_f", "avx512_bw", "avx512_vl", "avx512_dq", "avx512_vnni",
+              "avx512_bf16", "avx_ne_convert", "avx_vnni", "amx_tile", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_caps() -> dict:
+    return dict(torch._C._cpu._get_cpu_capability())
+
+
+def _dit_isa() -> Optional[str]:
+    """ISA of dit_fast._C's kernels now ("avx2" / "generic"), None when it is not built."""
+    if _backends._probe("cpu") is not None:
+        return None
+    from .. import _C
+    return _C.cpu_isa()
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_missing() -> Optional[str]:
+    """None when oneDNN's fused linear can run here, else why not."""
+    if not torch.backends.mkldnn.is_available():
+        return "torch is built without oneDNN (mkldnn)"
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # private op: may go in a later torch
+        return f"torch {torch.__version__} has no torch.ops.mkldnn._linear_pointwise"
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _onednn_bf16() -> bool:
+    """oneDNN has a bf16 GEMM with bf16 dot products in hardware (AVX512_BF16 or AMX-BF16)."""
+    caps = _cpu_caps()
+    native = bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return native and _onednn_missing() is None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def cpu_isa_info() -> dict:
+    """The CPU's ISA as dit_fast's CPU paths see it: ``model``; ``flags`` (the x86 features that
+    matter here that this CPU has, from torch's cpuinfo); ``torch`` (the ISA torch's own kernels
+    use); ``active`` (dit_fast._C's kernels: "avx2" / "generic", None when not built);
+    ``native_bf16`` (bf16 dot products in hardware, used through oneDNN); ``summary`` (one line)."""
+    caps = _cpu_caps()
+    flags = [f for f in _ISA_FLAGS if caps.get(f)]
+    active = _dit_isa()
+    summary = (f"dit_fast._C {active or 'not built'}; torch {torch.backends.cpu.get_cpu_capability()}; "
+               f"bf16 GEMM: {'native (oneDNN)' if _onednn_bf16() else 'float32 math'}; "
+               f"flags: {' '.join(flags) or '-'}")
+    return {"model": caps.get("cpu_name", ""), "flags": flags,
+            "torch": torch.backends.cpu.get_cpu_capability(), "active": active,
+            "native_bf16": _onednn_bf16(), "summary": summary}
+
+
+# ---- GEMM choice --------------------------------------------------------------------------------
+
+def _path(dtype: torch.dtype, gelu: bool) -> tuple[Optional[str], torch.dtype, str]:
+    """(GEMM or None: torch's own, compute dtype, why) for a Linear in `dtype` on this machine."""
+    isa, onednn = _dit_isa(), _onednn_missing()
+    if dtype == torch.bfloat16 and _onednn_bf16():
+        return "onednn", torch.bfloat16, "bf16 dot products in hardware"
+    ours = isa == "avx2" and not _cpu_caps().get("avx512_f")
+    if gelu and ours:
+        gemm, why = "dit_fast", "fastest measured for fc1 + GELU on AVX2 (bench/cpu_gemm.py)"
+    elif onednn is None:
+        gemm, why = "onednn", "at or above MKL and dit_fast's GEMM (bench/cpu_gemm.py)"
+    elif ours:
+        gemm, why = "dit_fast", f"faster than MKL on AVX2; oneDNN unavailable: {onednn}"
+    else:
+        gemm, why = None, (f"oneDNN unavailable ({onednn}) and dit_fast._C runs "
+                           f"{isa or 'nowhere'} here (its generic GEMM is slower than torch's)")
+    if dtype == torch.bfloat16:  # no bf16 dot products: float32 GEMM on upcast operands
+        return gemm or "torch", torch.float32, f"{why}; bf16 as float32 (no bf16 dot products)"
+    return gemm, torch.float32, why
+
+
+def linear_paths() -> dict[str, str]:
+    """{"float32 linear" | "float32 linear+gelu" | "bfloat16 ...": "<gemm> in <dtype>: why"}: the
+    GEMM each kind of Linear runs in CPU inference on this machine (for backends() / explain())."""
+    out = {}
+    for dtype in _DTYPES:
+        for gelu in (False, True):
+            gemm, cdt, why = _path(dtype, gelu)
+            name = f"{str(dtype)[6:]} linear{'+gelu' if gelu else ''}"
+            out[name] = (f"{gemm} in {str(cdt)[6:]}: {why}" if gemm else f"torch (F.linear): {why}")
+    return out
+
+
+def _cpu_reason(t: Tensor) -> Optional[str]:
+    """None when the cpu backend has a faster GEMM than torch's for `t`'s dtype, else why not."""
+    gemm, _, why = _path(t.dtype, False)
+    return None if gemm is not None else why
+
+
 def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
-    """Kernel check for dit_fast.validation: the packed GEMM (plain and with the GELU epilogue)
+    """Kernel check for dit_fast.validation: the cpu GEMM path (plain and with the GELU epilogue)
     on x (rows, K) with K = like's last dim, 37 output features (a partial micro-tile) and
     MIN_ROWS + 5 rows (like's rows if `exact`). Bound: tolerance + twice torch's own error."""
     K = like.shape[-1] if like.dim() >= 2 and like.shape[-1] else 64
@@ -69,10 +166,7 @@ def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False
 
     def run(gelu):
         def fn(backend, x, w, b):
-            if backend == "reference":
-                out = F.linear(x, w, b)
-                return F.gelu(out, approximate="tanh") if gelu else out
-            return packed_linear(x, w, b, gelu=gelu)
+            return _reference(x, w, b, gelu) if backend == "reference" else _run(x, w, b, gelu)
         return fn
 
     return validation.run_phases(OP_NAME, backend, [
@@ -80,58 +174,48 @@ def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False
             "reference", x, w, b)) for name, gelu in (("fwd", False), ("fwd gelu", True))])
 
 
-_backends.register_op(OP_NAME, {"reference": None, "cpu": (torch.float32,)},
-                      supports={"cpu": _avx2_reason}, shape_class=lambda t: None,
-                      validate=_validate,
+_backends.register_op(OP_NAME, {"reference": None, "cpu": _DTYPES}, supports={"cpu": _cpu_reason},
+                      shape_class=lambda t: None, validate=_validate,
                       examples=lambda device, dtype: [torch.empty(2, 256, 1152, device=device,
                                                                   dtype=dtype),
                                                       torch.empty(1, 37, 389, device=device,
                                                                   dtype=dtype)])
 
 
-def linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """Reference: ``F.linear(x, weight, bias)``."""
-    return F.linear(x, weight, bias)
+# ---- kernels ------------------------------------------------------------------------------------
+
+def _reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -> Tensor:
+    out = F.linear(x, weight, bias)
+    return F.gelu(out, approximate="tanh") if gelu else out
 
 
-# ---- packed-weight cache --------------------------------------------------------------------
-
-_PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref(weight), key, packed)
-
-
-def clear_packed_weights() -> None:
-    """Drops every cached packed weight (needed only after writes through ``param.data``)."""
-    _PACKED.clear()
-
-
-def _packed_weight(weight: Tensor) -> Tensor:
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-    wid = id(weight)
-    entry = _PACKED.get(wid)
-    if entry is not None and entry[0]() is weight and entry[1] == key:
-        return entry[2]
-    packed = torch.ops.dit_fast.linear_pack(weight.detach().contiguous())
-    ref = weakref.ref(weight, lambda _r, wid=wid: _PACKED.pop(wid, None))
-    _PACKED[wid] = (ref, key, packed)
-    return packed
+def _gemm(gemm: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -> Tensor:
+    """One GEMM path on operands of one dtype; x (..., K) contiguous, weight (N, K)."""
+    if gemm == "dit_fast":
+        w = weight.contiguous()
+        return torch.ops.dit_fast.linear_packed(x, torch.ops.dit_fast.linear_pack(w), bias,
+                                                weight.shape[0], gelu)
+    if gemm == "onednn":
+        attr, alg = ("gelu", "tanh") if gelu else ("none", "")
+        out = torch.ops.mkldnn._linear_pointwise(x, weight.contiguous(), bias, attr, [], alg)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return _reference(x, weight, bias, gelu)
 
 
-# ---- dispatch -------------------------------------------------------------------------------
+def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -> Tensor:
+    gemm, cdt, _ = _path(x.dtype, gelu)
+    if gemm is None:  # a forced cpu backend where no GEMM beats torch's: the packed one
+        gemm = "dit_fast"
+    if cdt == x.dtype:
+        return _gemm(gemm, x.contiguous(), weight, bias, gelu)
+    up = [None if t is None else t.to(cdt) for t in (x, weight, bias)]
+    return _gemm(gemm, up[0].contiguous(), up[1], up[2], gelu).to(x.dtype)
 
-def packed_gemm_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """Whether `packed_linear` serves this call (see the module docstring)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
-    if bias is not None and bias.dtype != torch.float32:
-        return False
-    if x.dim() < 1 or x.numel() < MIN_ROWS * max(x.shape[-1], 1):
-        return False
-    if os.environ.get(_ENV_OFF, "1").strip() == "0" or torch.is_autocast_enabled("cpu"):
-        return False
-    if not eager_inference(x, weight, bias):
-        return False
+
+def _cpu_selected(x: Tensor) -> bool:
+    """Whether the backend request (use_backend / DIT_FAST_BACKEND) gives op "linear" to cpu here."""
     requested = _backends.requested_backend()
-    if requested == "cpu":  # forced: either ISA, and a missing dit_fast._C raises
+    if requested == "cpu":  # forced: a missing dit_fast._C raises
         reason = _backends._probe("cpu")
         if reason is not None:
             raise RuntimeError(f"dit_fast: backend 'cpu' was requested for {OP_NAME!r}, but it "
@@ -140,12 +224,62 @@ def packed_gemm_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bo
     return requested == "auto" and _backends.select(OP_NAME, x) == "cpu"
 
 
-def packed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                  gelu: bool = False) -> Tensor:
-    """``F.linear(x, weight, bias)`` (then GELU-tanh if `gelu`) on the packed-weight GEMM, float32
-    CPU tensors only; callers check `packed_gemm_applies` first. x (..., K), weight (N, K)."""
-    return torch.ops.dit_fast.linear_packed(x.contiguous(), _packed_weight(weight), bias,
-                                            weight.shape[0], gelu)
+@torch.library.custom_op("dit_fast::cpu_linear", mutates_args=())
+def _cpu_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -> Tensor:
+    if x.device.type == "cpu" and x.dtype in _DTYPES and _cpu_selected(x):
+        return _run(x, weight, bias, gelu)
+    return _reference(x, weight, bias, gelu)
+
+
+@_cpu_linear_op.register_fake
+def _(x, weight, bias, gelu):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, gelu = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.gelu = gelu
+
+
+def _backward(ctx, dout):
+    x, weight, bias = ctx.saved_tensors
+    if ctx.gelu:  # recompute the pre-activation (inference op: no saved h)
+        dout = torch.ops.aten.gelu_backward(dout, F.linear(x, weight, bias), approximate="tanh")
+    d2 = dout.reshape(-1, weight.shape[0])
+    dx = dout @ weight
+    dw = d2.t() @ x.reshape(-1, weight.shape[1])
+    return dx, dw, None if bias is None else d2.sum(0), None
+
+
+_cpu_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ---------------------------------------------------------------------------------
+
+def cpu_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether `cpu_linear` serves this call (see the module docstring)."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
+        return False
+    if bias is not None and bias.dtype != x.dtype:
+        return False
+    if x.dim() < 1 or x.numel() < MIN_ROWS * max(x.shape[-1], 1):
+        return False
+    if os.environ.get(_ENV_OFF, "1").strip() == "0" or torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.compiler.is_compiling():  # the op checks the backend when it runs
+        return not (torch.is_grad_enabled()
+                    and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+    return eager_inference(x, weight, bias) and _cpu_selected(x)
+
+
+def cpu_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, gelu: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)`` (then GELU-tanh if `gelu`) on the GEMM `linear_paths` names,
+    for CPU float32 / bfloat16 tensors; callers check `cpu_linear_applies` first. x (..., K),
+    weight (N, K), bias (N,) or None; returns (..., N) in x's dtype."""
+    if torch.compiler.is_compiling():
+        return _cpu_linear_op(x, weight, bias, gelu)
+    return _run(x, weight, bias, gelu)
 
 
 def _plain(module: nn.Module) -> bool:
@@ -157,7 +291,7 @@ def _plain(module: nn.Module) -> bool:
 
 
 def linear(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)`` for DiT's Linear layers: the packed GEMM where it applies, else the module."""
-    if _plain(module) and packed_gemm_applies(x, module.weight, module.bias):
-        return packed_linear(x, module.weight, module.bias)
+    """``module(x)`` for DiT's Linear layers: `cpu_linear` where it applies, else the module."""
+    if _plain(module) and cpu_linear_applies(x, module.weight, module.bias):
+        return cpu_linear(x, module.weight, module.bias)
     return module(x)
