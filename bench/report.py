@@ -1,11 +1,13 @@
-"""Markdown tables from benchmark JSON files (bench/throughput.py, bench/gflops.py), written into README.md.
+"""Markdown tables from benchmark JSON files (bench/throughput.py, bench/gflops.py), written into
+bench/README.md.
 
-    python bench/report.py bench/results/*.json              # rewrite README.md's results block
+    python bench/report.py bench/results/*.json              # rewrite bench/README.md's results block
     python bench/report.py bench/results/*.json --print      # print the markdown only
-    python bench/report.py bench/results/*.json --check      # exit 1 if README.md's block is stale
+    python bench/report.py bench/results/*.json --check      # exit 1 if bench/README.md's block is stale
 
 The block is the text between the lines `<!-- results:begin -->` and `<!-- results:end -->` of the
-README; everything else is left as it is. The output depends only on the JSON files (sorted by name),
+file given by --readme (default bench/README.md); everything else is left as it is. Paths in the
+block are relative to that file's folder. The output depends only on the JSON files (sorted by name),
 so the same files always give the same text.
 """
 import argparse
@@ -141,7 +143,7 @@ def _rel(path, base_dir):
 def replace_block(text, block):
     """text with the lines between BEGIN and END replaced by `block`."""
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"the README must contain exactly one '{BEGIN}' line followed by one '{END}' line")
+        raise ValueError(f"the file must contain exactly one '{BEGIN}' line followed by one '{END}' line")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{BEGIN}\n{block}{END}{tail}"
@@ -151,7 +153,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="JSON files written by bench/throughput.py or bench/gflops.py")
-    p.add_argument("--readme", default=str(Path(__file__).resolve().parents[1] / "README.md"))
+    p.add_argument("--readme", default=str(Path(__file__).resolve().parent / "README.md"),
+                   help="markdown file holding the results block (default: bench/README.md)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--print", action="store_true", help="print the markdown, change nothing")
     g.add_argument("--check", action="store_true", help="exit 1 if the README's block differs from the JSON's")

@@ -3,55 +3,26 @@
     qkv: (N, T, 3*D), the output of ``Linear(D, 3*D)``, viewed as (N, T, 3, H, Dh)
     out: (N, T, D) = softmax(q k^T / sqrt(Dh)) v per head, heads merged (ready for ``proj``)
 
-Public API: `attention_qkv(qkv, num_heads)` (dispatches to a backend, see dit_fast._backends) and
-`attention_ref(qkv, num_heads)` (the model's expression: reshape / permute, F.scaled_dot_product_
-attention, transpose back; the ground truth for tests when run in float64). `explain(qkv,
-num_heads)` tells which backend runs for an input, and why the others do not.
+Public API: `attention_qkv(qkv, num_heads)` (dispatches to a backend, see dit_fast._backends),
+`attention_ref(qkv, num_heads)` (SDPA on permuted views: the ground truth in float64) and
+`explain(qkv, num_heads)` (which backend runs for an input, and why the others do not).
 
-Which implementation runs (``auto`` takes the first that qualifies, in this order):
+Backends (docs/design.md#attention has the details):
+  ``cuda``       the flash-attn package (fp16/bf16, head dim <= 256 and a multiple of 8, sm >= 80);
+                 its probe is the package, not dit_fast._C_cuda.
+  ``triton``     dit_fast.kernels.triton.attention (fp16/bf16/fp32, head dims 64, 72, 128); fp32
+                 uses TF32 tensor cores when torch allows TF32 for fp32 matmuls.
+  ``cpu``        forward per dtype (`_CPU_FORWARD`): the C++ kernel (csrc/cpu/attention.cpp) or
+                 PyTorch's CPU flash-attention on strided views of qkv; backward: the latter's.
+  ``reference``  `attention_ref`; inside the custom op the same math in fp32 (fp64 for fp64)
+                 with an explicit logsumexp, chunked over the batch. Serves what others refuse.
 
-  ``cuda``       the flash-attn package (``flash_attn_qkvpacked_func``, which reads the packed
-                 (N, T, 3, H, Dh) layout directly): CUDA tensors, fp16/bf16, head dim <= 256 and a
-                 multiple of 8, compute capability >= 8.0, and ``import flash_attn`` working.
-                 This backend's probe is the package, not dit_fast._C_cuda (there is no .cu
-                 attention kernel). Eager calls use flash-attn's own autograd; inside the custom op
-                 (torch.compile) its forward returns the logsumexp and the backward runs our Triton
-                 kernel (or the reference math when Triton cannot). UNTESTED here: flash-attn is
-                 not installed on the development machine.
-  ``triton``     our Triton FlashAttention-2 (dit_fast.kernels.triton.attention): CUDA tensors,
-                 fp16/bf16/fp32, head dims 64, 72 (DiT-XL, as 64 + 16 columns) and 128. Reads
-                 q/k/v with strides from the packed layout, writes out in (N, T, H, Dh) and
-                 dq/dk/dv straight into the packed gradient. fp32 runs on TF32 tensor cores when
-                 torch allows TF32 for fp32 matmuls (allow_tf32 / float32 matmul precision), else
-                 exact fp32 products. (Verified under Triton's CPU interpreter and by sm_80 / sm_90
-                 compiles; not run on a GPU here.)
-  ``cpu``        CPU tensors, fp32/bf16/fp64, any head dim (needs dit_fast._C). Forward, chosen per
-                 dtype by measurement (`_CPU_FORWARD`, numbers there): bf16 and fp64 run our C++
-                 kernel (csrc/cpu/attention.cpp: online softmax vectorized along queries,
-                 AVX2+FMA or generic, k/v read in place from the packed layout, merged-head
-                 output, bf16 storage with fp32 math); fp32 runs PyTorch's CPU flash-attention
-                 kernel on strided q/k/v views of qkv (no copies), which our kernel only ties.
-                 Backward: PyTorch's CPU flash-attention backward on the same strided views (same
-                 logsumexp convention), dq/dk/dv stacked into the packed gradient.
-  ``reference``  `attention_ref` (SDPA on permuted views: PyTorch's own fused kernels, any
-                 device/dtype/head dim). This is also the fallback for everything the others
-                 refuse (e.g. a CUDA head dim of 80). Inside the custom op (torch.compile, or
-                 backends mixed between forward and backward) it is the same math written out
-                 in fp32 (fp64 for fp64) with an explicit logsumexp, chunked over the batch.
-
-A *forced* backend (DIT_FAST_BACKEND / use_backend) that cannot serve an input raises RuntimeError
-with the reason (e.g. "Triton attention supports head dims 64, 72, 128, not 80").
-`dit_fast._backends.explain("attention", t)` gives the reasons for a tensor: pass the packed view
-``qkv.view(N, T, 3, H, Dh)`` (what `explain` here does) so that the head-dim checks can run; with
-any other tensor only device, dtype and availability are checked.
-
-Structure (as in ln_modulate): ``dit_fast::attention`` (qkv, num_heads) -> (out, lse) and
-``dit_fast::attention_backward`` (dout, qkv, out, lse, num_heads) -> dqkv are torch.library custom
-ops with fake impls and `register_autograd`, so torch.compile(fullgraph=True) sees single opaque
-nodes; each picks its backend at run time. lse is (N, H, T) float32 (float64 for float64 qkv), the
-natural-log logsumexp of the scaled scores, for every backend, so forward and backward may run on
-different backends. Eager inference (and eager ``reference`` / ``cuda`` with grad) skips the
-custom-op layer.
+Structure (as in ln_modulate): custom ops ``dit_fast::attention`` (qkv, num_heads) -> (out, lse)
+and ``dit_fast::attention_backward`` -> dqkv, with fake impls and `register_autograd`. lse is
+(N, H, T) float32 (float64 for float64 qkv), the natural-log logsumexp of the scaled scores, for
+every backend, so forward and backward may run on different backends. Eager inference (and eager
+``reference`` / ``cuda`` with grad) skips the custom-op layer. `_backends.explain("attention", t)`
+needs the packed view ``qkv.view(N, T, 3, H, Dh)`` for its head-dim checks.
 """
 
 from __future__ import annotations
@@ -296,20 +267,8 @@ def _bwd_reference(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_head
 
 
 # cpu: forward per dtype (below); PyTorch's CPU flash-attention backward on strided views.
-#
-# Measured on the development machine (2 shared AMD EPYC (Zen 3) vCPUs, AVX2; torch 2.13 CPU),
-# C++ kernel time / reference time (the reference = SDPA on permuted views, which on this torch
-# makes no copies: the CPU flash kernel reads strided q/k/v and writes the (N, T, H, Dh) layout, so
-# it *is* SDPA on strided views), medians of paired, interleaved runs (range over 2-3 runs; the
-# machine is shared, so single numbers are noisy):
-#                                   1 thread (CPU time)   2 threads (wall time)
-#   fp32 N=8  T=256 H=6  Dh=64      0.97-1.01             1.07-1.24
-#   fp32 N=16 T=256 H=16 Dh=72      0.99-1.11             0.89-0.98
-#   bf16 N=8  T=256 H=6  Dh=64      0.80-0.82             0.93-1.00
-#   bf16 N=16 T=256 H=16 Dh=72      0.81                  0.84-0.87
-# Both fp32 kernels run at about this machine's single-core sgemm rate (MKL: ~54 GFLOP/s), so ours
-# only ties in fp32 (and loses at S/2 with 2 threads) and PyTorch's keeps fp32; in bf16 ours is
-# faster (PyTorch's bf16 path pays conversions), so it runs bf16 (and fp64).
+# Forward per dtype, chosen by measurement (bench/README.md, "Notes and measurements"): PyTorch's
+# kernel on strided views in fp32, where ours only ties; ours in bf16 (faster) and fp64.
 _CPU_FORWARD = {torch.float32: "sdpa_views", torch.bfloat16: "kernel", torch.float64: "kernel"}
 
 
@@ -355,7 +314,7 @@ def _bwd_triton(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: 
     return _triton_module().attention_bwd(dout, qkv, out, lse, num_heads)
 
 
-# cuda: the flash-attn package (untested here)
+# cuda: the flash-attn package
 
 def _fwd_flash(qkv: Tensor, num_heads: int):
     N, T, D, H, Dh = _sizes(qkv, num_heads)
@@ -492,7 +451,7 @@ def attention_qkv(qkv: Tensor, num_heads: int) -> Tensor:
         if backend == "cuda":  # flash-attn's own autograd (fused backward kernel)
             N, T, D, H, Dh = _sizes(qkv, num_heads)
             return _flash_fn()(_packed(_unit_inner(qkv), H)).reshape(N, T, D)
-        # Eager inference skips the op/autograd layers (~80 us per call), unless a dispatch mode
+        # Eager inference skips the op/autograd layers (host overhead), unless a dispatch mode
         # (FlopCounterMode, FakeTensorMode, ...) is active: those must see the named op.
         if not (torch.is_grad_enabled() and qkv.requires_grad) and torch._C._len_torch_dispatch_stack() == 0:
             return _run_forward(backend, qkv, num_heads)[0]

@@ -8,16 +8,16 @@ GEMMs (`linear_paths` gives the choice on this machine, bench/results/cpu-gemm-<
 - ``onednn``:   torch.ops.mkldnn._linear_pointwise on the plain (N, K) weight (oneDNN inside torch,
                 bias / GELU fused, every ISA from AVX2 to AMX). A private torch op: used only where
                 this torch has it.
-- ``dit_fast``: dit_fast._C's packed-weight GEMM (csrc/cpu/gemm.cpp, AVX2 6x16 micro-kernel); on the
-                AVX2-only machine measured faster than oneDNN and MKL for fc1 + GELU only.
+- ``dit_fast``: dit_fast._C's packed-weight GEMM (csrc/cpu/gemm.cpp, AVX2 6x16 micro-kernel); the
+                fastest for fc1 + GELU on AVX2-only CPUs (bench/results/cpu-notes-avx2.md).
 - ``torch``:    F.linear (MKL).
 float32: qkv / proj / fc2 / final on ``onednn``, fc1 + GELU on ``dit_fast`` where dit_fast._C runs
 its AVX2 path on a CPU without AVX-512 (elsewhere ``onednn``). bfloat16: on CPUs with bf16 dot
-products (AVX512_BF16 / AMX) ``onednn`` in bf16 (untested: no such CPU here); elsewhere the float32
-GEMM on float32 copies of the operands, rounded back to bf16 (torch's bf16 GEMM is ~6x slower there).
+products (AVX512_BF16 / AMX) ``onednn`` in bf16; elsewhere the float32 GEMM on float32 copies of
+the operands, rounded back to bf16 (torch's bf16 GEMM is much slower there).
 
-No weight cache: the ``dit_fast`` GEMM packs the weight in every call (a K x N pass, about 1% of the
-2048 x K x N GEMM at DiT-S/2's shapes), oneDNN reads the plain weight, and bf16 weights are upcast
+No weight cache: the ``dit_fast`` GEMM packs the weight in every call (a K x N pass, small next to
+the M x K x N GEMM), oneDNN reads the plain weight, and bf16 weights are upcast
 per call. So no route of changing weights (param.data writes, optimizer steps, load_state_dict, .to(),
 deepcopy) can leave a stale copy.
 

@@ -16,8 +16,7 @@ per-sample schedule coefficients, one pass computes (see csrc/common/sampler_ste
 
 operation by operation like the unfused code in dit_fast/diffusion/gaussian_diffusion.py (same
 rounding in float32; the reduced-precision guidance / variance arithmetic in the model dtype), so
-fused and unfused sampling agree to float32 rounding of exp/cos-free ops (measured: identical, or
-<= 1 ulp where exp's implementation differs).
+fused and unfused sampling agree up to the rounding of exp (tests/test_sampler_step.py).
 
 Coefficients: an (N, 8) float32 tensor (float64 for float64 data), one row per sample, built by
 `ddpm_coefs` / `ddim_coefs` (or GaussianDiffusion, which caches per-timestep tables).

@@ -360,10 +360,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _fwd_config(dtype: torch.dtype, precision: str, width: int) -> dict:
-    """Starting points from the Triton tutorial / flash-attn's Triton port, with 8 warps: at 4,
-    ptxas spills (stack frames up to 7.5 KB for fp32 "ieee" at head dim 128) in the sm_80 / sm_90
-    compiles (bench/results/triton-attention-aot.md). Not timed on a GPU here. `width` = BLOCK_D0 +
-    BLOCK_D1."""
+    """Starting points from the Triton tutorial / flash-attn's Triton port, with 8 warps (at 4,
+    ptxas spills in the sm_80 / sm_90 compiles: bench/triton_attention_aot.py reports it).
+    `width` = BLOCK_D0 + BLOCK_D1."""
     if dtype == torch.float32 and precision == "ieee":  # CUDA-core FMAs on 4-byte tiles
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if dtype == torch.float32:  # TF32 tensor cores, 4-byte tiles: half the 16-bit key block

@@ -183,7 +183,7 @@ def _interpreting() -> bool:
 
 
 def _gemm_config(dtype: torch.dtype) -> dict:
-    """Starting points from the Triton matmul tutorial (not tuned on a GPU here). fp32 uses exact
+    """Starting points from the Triton matmul tutorial (untuned). fp32 uses exact
     ("ieee") products, as F.linear does without allow_tf32."""
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, DOT_PRECISION="ieee",
