@@ -1,0 +1,184 @@
+"""The forecasting cache (dit_fast.sampling.TaylorCache)."""
+import pytest
+import torch
+
+from dit_fast import DiT
+from dit_fast.ops import taylor_weights
+from dit_fast.sampling import SAMPLERS, LoopRunner, TaylorCache, make_sampler, sample_loop
+
+FEATURES = ("output", "final", "blocks")
+
+
+def _model(block="adaLN-Zero", depth=3, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    m = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=depth, num_heads=2,
+            num_classes=6, block=block).eval()
+    with torch.no_grad():          # leave the zero-initialized adaLN-Zero state: blocks must matter
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return m.to(dtype)
+
+
+def _sample(fn, sampler, z, y, cfg=None, seed=7):
+    kw = dict(y=y) if cfg is None else dict(y=y, cfg_scale=cfg, guide_channels="all")
+    torch.manual_seed(seed)
+    return LoopRunner(fn, sampler, clip_denoised=True)(z, kw)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("features", FEATURES)
+@pytest.mark.parametrize("cfg", [None, 3.0])
+def test_interval_one_is_the_uncached_sampler_exactly(sampler, features, cfg):
+    m = _model()
+    s = make_sampler(sampler, 6)
+    z = torch.randn(2, 4, 8, 8)
+    y = torch.tensor([1, 4])
+    if cfg is not None:
+        z, y = torch.cat([z, z]), torch.cat([y, torch.full_like(y, 6)])
+    cache = TaylorCache(m, 6, interval=1, order=2, features=features)
+    fn = (lambda n: n.forward_with_cfg) if cfg is not None else (lambda n: n.forward)
+    plain = _sample(fn(m), s, z, y, cfg)
+    cached = _sample(fn(cache), s, z, y, cfg)
+    assert torch.equal(cached, plain)
+    assert cache.num_full == 6 and cache.num_forecast == 0
+
+
+def test_schedule():
+    m = _model()
+    c = TaylorCache(m, 12, interval=4, first_steps=2, last_steps=1)
+    assert [s for s, full in enumerate(c.schedule()) if full] == [0, 1, 5, 9, 11]
+    c = TaylorCache(m, 12, interval=3, first_steps=1, last_steps=0)
+    assert [s for s, full in enumerate(c.schedule()) if full] == [0, 3, 6, 9]
+    assert all(TaylorCache(m, 5, interval=1).schedule())
+
+
+def _x0_eps(cache, t):
+    a, s = cache._schedule(t, torch.empty(0))
+    return a, s
+
+
+def test_output_features_forecast_x0_by_taylor_expansion():
+    """Two full steps, then forecasts: x0 = x0(1) + k (x0(1) - x0(0)) (order 1, h = 1), and eps
+    re-derived from the current x; order 0 reuses x0(1)."""
+    m = _model()
+    y = torch.tensor([0, 5])
+    xs = [torch.randn(2, 4, 8, 8) for _ in range(4)]
+    ts = [torch.full((2,), v) for v in (900, 850, 800, 750)]
+    for order in (0, 1, 2):
+        cache = TaylorCache(m, 10, interval=100, order=order, first_steps=2, last_steps=0, features="output")
+        with torch.no_grad():
+            outs = [cache(x, t, y) for x, t in zip(xs, ts)]
+            x0 = []
+            for x, t in zip(xs[:2], ts[:2]):
+                a, s = _x0_eps(cache, t)
+                x0.append((x - s * m(x, t, y)[:, :4]) / a)
+            var = [m(x, t, y)[:, 4:] for x, t in zip(xs[:2], ts[:2])]
+        for k, (x, t, out) in enumerate(zip(xs[2:], ts[2:], outs[2:]), start=1):
+            w = [1.0, float(k)] if order >= 1 else [1.0]
+            x0_hat = w[0] * x0[1] + (w[1] * (x0[1] - x0[0]) if order >= 1 else 0)
+            a, s = _x0_eps(cache, t)
+            torch.testing.assert_close(out[:, :4], (x - a * x0_hat) / s, rtol=1e-4, atol=1e-4)
+            v_hat = var[1] + (k * (var[1] - var[0]) if order >= 1 else 0)
+            torch.testing.assert_close(out[:, 4:], v_hat, rtol=1e-5, atol=1e-5)
+        assert cache.num_full == 2 and cache.num_forecast == 2
+
+
+@pytest.mark.parametrize("features", ["final", "blocks"])
+def test_order0_reuses_the_cached_features(features):
+    m = _model()
+    y = torch.tensor([2, 3])
+    x1, x2 = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t1, t2 = torch.full((2,), 700), torch.full((2,), 650)
+    cache = TaylorCache(m, 10, interval=100, order=0, first_steps=1, last_steps=0, features=features)
+    with torch.no_grad():
+        assert torch.equal(cache(x1, t1, y), m(x1, t1, y))
+        out2 = cache(x2, t2, y)
+        # the plain reuse, written with the official (unfused) blocks
+        h, c = m.x_embedder(x1) + m.pos_embed, m.t_embedder(t1) + m.y_embedder(y, False)
+        attn, mlp = [], []
+        for b in m.blocks:
+            sm, cm, gm, sf, cf, gf = b.adaLN_modulation(c).chunk(6, dim=1)
+            a = b.attn(b.norm1(h) * (1 + cm.unsqueeze(1)) + sm.unsqueeze(1))
+            h = h + gm.unsqueeze(1) * a
+            f = b.mlp(b.norm2(h) * (1 + cf.unsqueeze(1)) + sf.unsqueeze(1))
+            h = h + gf.unsqueeze(1) * f
+            attn.append(a)
+            mlp.append(f)
+        h2, c2 = m.x_embedder(x2) + m.pos_embed, m.t_embedder(t2) + m.y_embedder(y, False)
+        if features == "final":
+            h2 = h
+        else:
+            for b, a, f in zip(m.blocks, attn, mlp):
+                gm, gf = b.adaLN_modulation(c2).chunk(6, dim=1)[2::3]
+                h2 = h2 + gm.unsqueeze(1) * a + gf.unsqueeze(1) * f
+        expected = m.unpatchify(m.final_layer(h2, c2))
+    torch.testing.assert_close(out2, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out2, m(x2, t2, y), atol=1e-3)      # not the full computation
+
+
+@pytest.mark.parametrize("features", FEATURES)
+def test_deterministic_no_leaks_and_batch_one(features):
+    m = _model()
+    s = make_sampler("ddpm", 12)
+    cache = TaylorCache(m, 12, interval=3, order=2, features=features)
+    za, zb, z1 = torch.randn(3, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    ya, yb, y1 = torch.tensor([0, 1, 2]), torch.tensor([3, 4]), torch.tensor([5])
+    a1 = _sample(cache.forward, s, za, ya)
+    b_after_a = _sample(cache.forward, s, zb, yb)
+    one = _sample(cache.forward, s, z1, y1)
+    a2 = _sample(cache.forward, s, za, ya)
+    assert torch.equal(a1, a2)                                                  # deterministic
+    fresh = TaylorCache(m, 12, interval=3, order=2, features=features)
+    assert torch.equal(b_after_a, _sample(fresh.forward, s, zb, yb))            # nothing carried over
+    assert one.shape == (1, 4, 8, 8) and torch.isfinite(one).all()
+    assert cache.num_full == 4 * len([f for f in cache.schedule() if f])
+    # an interrupted run (same batch shape) does not leak into the next: the timestep goes up again
+    with torch.no_grad():
+        cache(za, torch.full((3,), 999), ya)
+        cache(za, torch.full((3,), 900), ya)
+    assert torch.equal(_sample(cache.forward, s, za, ya), a1)
+
+
+@pytest.mark.parametrize("features", FEATURES)
+def test_bf16(features):
+    m = _model(dtype=torch.bfloat16)
+    s = make_sampler("dpm-solver++", 8)
+    z, y = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), torch.tensor([1, 2])
+    plain = _sample(m.forward, s, z, y)
+    assert torch.equal(_sample(TaylorCache(m, 8, interval=1).forward, s, z, y), plain)
+    out = _sample(TaylorCache(m, 8, interval=3, order=1, features=features).forward, s, z, y)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_sample_loop_api():
+    m = _model()
+    cache = TaylorCache(m, 10, interval=3)
+    out = sample_loop(cache.forward, (2, 4, 8, 8), make_sampler("ddim", 10), model_kwargs=dict(y=torch.tensor([0, 1])))
+    assert out.shape == (2, 4, 8, 8) and cache.num_full == 5 and cache.num_forecast == 5
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_steps=0), "num_steps must be an int >= 1"),
+    (dict(num_steps=10, interval=0), "interval must be an int >= 1"),
+    (dict(num_steps=10, order=-1), "order must be an int >= 0"),
+    (dict(num_steps=10, order=16), "order must be < 16"),
+    (dict(num_steps=10, first_steps=0), "first_steps must be an int >= 1"),
+    (dict(num_steps=10, last_steps=-1), "last_steps must be an int >= 0"),
+    (dict(num_steps=10, interval=2.0), "interval must be an int"),
+    (dict(num_steps=10, features="attn"), "features must be one of"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TaylorCache(_model(), **kwargs)
+
+
+def test_blocks_needs_gated_blocks():
+    with pytest.raises(ValueError, match="features='blocks' needs adaLN-Zero or adaLN"):
+        TaylorCache(_model("in-context"), 10, features="blocks")
+    for block in ("cross-attention", "in-context", "adaLN"):     # the other features work for every block
+        m = _model(block)
+        for f in ("output", "final") + (("blocks",) if block == "adaLN" else ()):
+            out = _sample(TaylorCache(m, 6, interval=2, features=f).forward, make_sampler("ddim", 6),
+                          torch.randn(1, 4, 8, 8), torch.tensor([1]))
+            assert torch.isfinite(out).all()
