@@ -9,9 +9,9 @@ from dit_fast.sampling import SAMPLERS, LoopRunner, TaylorCache, make_sampler, s
 FEATURES = ("output", "final", "blocks")
 
 
-def _model(block="adaLN-Zero", depth=3, seed=0, dtype=torch.float32):
+def _model(block="adaLN-Zero", depth=3, seed=0, dtype=torch.float32, in_channels=4):
     torch.manual_seed(seed)
-    m = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=depth, num_heads=2,
+    m = DiT(input_size=8, patch_size=2, in_channels=in_channels, hidden_size=32, depth=depth, num_heads=2,
             num_classes=6, block=block).eval()
     with torch.no_grad():          # leave the zero-initialized adaLN-Zero state: blocks must matter
         for p in m.parameters():
@@ -182,3 +182,112 @@ def test_blocks_needs_gated_blocks():
             out = _sample(TaylorCache(m, 6, interval=2, features=f).forward, make_sampler("ddim", 6),
                           torch.randn(1, 4, 8, 8), torch.tensor([1]))
             assert torch.isfinite(out).all()
+
+
+# ---- the --cache flags of the sampling CLIs -------------------------------------------------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from dit_fast import save_checkpoint  # noqa: E402
+from dit_fast.sample_ddp import main as ddp_main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    m = _model(depth=3, in_channels=3)            # pixel space: no VAE
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(m, path)
+    return path
+
+
+def _cli(module, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+BAD_FLAGS = [
+    (["--cache", "bogus"], "argument --cache: invalid choice: 'bogus'"),
+    (["--cache", "taylor", "--cache-interval", "0"], "--cache-interval must be >= 1, got 0"),
+    (["--cache", "taylor", "--cache-order", "-1"], "--cache-order must be >= 0, got -1"),
+    (["--cache", "taylor", "--compile"], "--cache taylor runs in the eager loop"),
+    (["--cache", "taylor", "--step-cache", "0.2"], "--step-cache 0.2 means --cache step"),
+    (["--cache-interval", "3"], "--cache-interval applies to --cache taylor, not --cache none"),
+    (["--cache", "taylor", "--num-sampling-steps", "2"], "--cache taylor with --num-sampling-steps 2"),
+    (["--cache", "step", "--cache-shallow-blocks", "3"], "--cache-shallow-blocks must be in [1, 2]"),
+]
+
+
+# every case through sample_ddp; the first three through sample too (one subprocess each)
+@pytest.mark.parametrize("module,flags,match", [("dit_fast.sample_ddp", f, m) for f, m in BAD_FLAGS]
+                         + [("dit_fast.sample", f, m) for f, m in BAD_FLAGS[:3]])
+def test_cli_bad_cache_flags(ckpt, tmp_path, module, flags, match):
+    out = ["--out", str(tmp_path / "x.png")] if module == "dit_fast.sample" else ["--sample-dir", str(tmp_path)]
+    r = _cli(module, "--ckpt", str(ckpt), "--sampler", "ddim", *out, *flags)
+    assert r.returncode == 2, r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and match in errors[0], r.stderr
+    assert not list(tmp_path.glob("**/*.npz")) and not (tmp_path / "x.png").exists()   # nothing sampled
+
+
+def test_unsupported_sampler_named():
+    from argparse import Namespace
+
+    from dit_fast.sampling.cache_cli import cache_settings
+    args = Namespace(cache="taylor", step_cache=0.0, sampler="euler", compile=False, cuda_graph=False,
+                     **{f"cache_{k}": None for k in ("interval", "order", "first_steps", "last_steps", "features")})
+    with pytest.raises(ValueError, match="--cache taylor does not support --sampler euler"):
+        cache_settings(args)
+
+
+def _ddp(ckpt, sample_dir, *flags):
+    args = ["--ckpt", str(ckpt), "--sample-dir", str(sample_dir), "--num-fid-samples", "5",
+            "--per-proc-batch-size", "3", "--cfg-scale", "2.0", "--sampler", "sde-dpm-solver++",
+            "--num-sampling-steps", "8", "--global-seed", "1", *flags]
+    assert ddp_main(args) == 0
+    (npz,) = [p for p in Path(sample_dir).glob("*.npz")]
+    with np.load(npz) as f:
+        return npz.name, f["arr_0"]
+
+
+def test_sample_ddp_cache_flags(ckpt, tmp_path):
+    name_plain, plain = _ddp(ckpt, tmp_path / "plain")
+    name_none, none = _ddp(ckpt, tmp_path / "none", "--cache", "none")
+    name_i1, i1 = _ddp(ckpt, tmp_path / "i1", "--cache", "taylor", "--cache-interval", "1")
+    name_t, taylor = _ddp(ckpt, tmp_path / "t", "--cache", "taylor")
+    assert name_plain == name_none and name_i1 == name_t and name_t.endswith("-cache-taylor.npz")
+    assert np.array_equal(none, plain) and np.array_equal(i1, plain)   # interval 1: the uncached sampler
+    assert taylor.shape == plain.shape and not np.array_equal(taylor, plain)
+
+
+def test_quality_configs_and_comparisons():
+    from dit_fast.sampling.cache_cli import TAYLOR_DEFAULTS
+    from dit_fast.sampling.quality import base_spec, compare, goals, parse_config
+
+    c = parse_config("sde-dpm-solver++:20:taylor")
+    assert c["taylor"] == TAYLOR_DEFAULTS["sde-dpm-solver++"] and c["steps"] == 20
+    c = parse_config("ddim:50:logSNR:taylor=i8,o3,blocks")
+    assert c["skip_type"] == "logSNR"
+    assert c["taylor"] == dict(TAYLOR_DEFAULTS["ddim"], interval=8, order=3, features="blocks")
+    for bad in ("ddim", "euler:20", "ddim:50:taylor=x3", "ddim:50:cache=0.1:taylor"):
+        with pytest.raises(ValueError, match="config"):
+            parse_config(bad)
+    assert base_spec("dpm-solver++:20:logSNR:taylor=i5") == "dpm-solver++:20:logSNR"
+    rows = [dict(config="ddpm:250", model_evals=250, seconds=100.0, frechet_distance=20.0, accuracy=0.9),
+            dict(config="ddim:50", model_evals=50, seconds=20.0, frechet_distance=22.0, accuracy=0.9),
+            dict(config="ddim:50:taylor", model_evals=12, seconds=5.0, frechet_distance=19.0, accuracy=0.895)]
+    compare(rows)
+    v = rows[2]["vs_uncached"]
+    assert v["evals"] == 50 / 12 and v["speedup"] == 4.0 and v["fd_ratio"] == 19 / 22
+    assert rows[2]["vs_ddpm250"]["speedup"] == 20.0 and "vs_uncached" not in rows[1]
+    g = goals(rows)
+    assert g["ddim:50:taylor"]["held"] == dict(evals=True, speedup=True, fd=True, accuracy=True)
+    assert g["fastest_at_ddpm250_fd"] == dict(config="ddim:50:taylor", speedup=20.0, held=True)
