@@ -80,9 +80,9 @@ def run_name(args, model) -> str:
                 break
     vae_string = os.path.basename(os.path.normpath(args.vae_resolved))
     size = args.image_size_resolved
-    cache = cache_settings(args)["cache"]
+    taylor = cache_settings(args)["cache"] == "taylor"
     return (f"{model_string}-{ckpt_string}-size-{size}-vae-{vae_string}-cfg-{args.cfg_scale}-seed-{args.global_seed}"
-            f"-{args.sampler}-{args.steps}" + ("" if cache == "none" else f"-cache-{cache}"))
+            f"-{args.sampler}-{args.steps}" + ("-cache-taylor" if taylor else ""))
 
 
 def _model_name(model) -> str:
@@ -208,11 +208,12 @@ def run(args, rank: int, world: int, device: torch.device, distributed: bool) ->
     if out.suffix != ".npz":
         raise CLIError(f"--out must name a .npz file, got {str(out)!r}")
     n = args.per_proc_batch_size
+    cache = cache_settings(args)
     meta = dict(name=name, per_proc_batch_size=n, ckpt=args.ckpt, model_config=model.config,
                 cfg_scale=args.cfg_scale, guide_channels=args.guide_channels, sampler=args.sampler, steps=steps,
                 skip_type=args.skip_type, global_seed=args.global_seed, vae=args.vae_resolved,
                 dtype=args.dtype, step_cache=args.step_cache, cache_shallow_blocks=args.cache_shallow_blocks,
-                cache=cache_settings(args))
+                taylor_cache=cache if cache["cache"] == "taylor" else None)
     error = None
     if rank == 0:
         try:

@@ -264,6 +264,7 @@ def test_sample_ddp_cache_flags(ckpt, tmp_path):
     name_i1, i1 = _ddp(ckpt, tmp_path / "i1", "--cache", "taylor", "--cache-interval", "1")
     name_t, taylor = _ddp(ckpt, tmp_path / "t", "--cache", "taylor")
     assert name_plain == name_none and name_i1 == name_t and name_t.endswith("-cache-taylor.npz")
+    assert name_t == name_plain.replace(".npz", "-cache-taylor.npz")
     assert np.array_equal(none, plain) and np.array_equal(i1, plain)   # interval 1: the uncached sampler
     assert taylor.shape == plain.shape and not np.array_equal(taylor, plain)
 

@@ -103,6 +103,7 @@ def build_cache(args, net, model, steps: int):
         kw = {k: v for k, v in s.items() if k != "cache"}
         return TaylorCache(model, steps, **kw)
     if s["cache"] == "step" and not isinstance(net, StepCache):
+        args.step_cache = s["threshold"]                  # the threshold in effect (run metadata)
         depth = len(model.blocks)
         if not 1 <= args.cache_shallow_blocks < depth:
             raise ValueError(f"--cache-shallow-blocks must be in [1, {depth - 1}] for this depth-{depth} model, "
