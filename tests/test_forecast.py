@@ -107,7 +107,8 @@ def test_allocates_out():
     (dict(factors=torch.randn(2, 3), weights="ab"), "sequence of numbers"),
     (dict(factors=torch.randn(3, 2).t(), weights=[1.0, 1.0]), "factors must be contiguous"),
     (dict(factors=torch.randn(2, 3), weights=[1.0, 1.0], out=torch.empty(4)), "out must be a tensor of shape"),
-    (dict(factors=torch.randn(2, 3), weights=[1.0, 1.0], out=torch.empty(3, dtype=torch.float64)), "out must be float64"),
+    (dict(factors=torch.randn(2, 3), weights=[1.0, 1.0], out=torch.empty(3, dtype=torch.float64)),
+     "out must be float64"),
     (dict(factors=torch.randn(2, 3).double(), weights=[1.0, 1.0], out=torch.empty(3)), "out must be float64"),
     (dict(factors=torch.randn(2, 3, 2), weights=[1.0, 1.0], out=torch.empty(2, 3).t()), "out must be contiguous"),
 ])
