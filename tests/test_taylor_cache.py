@@ -172,6 +172,15 @@ def test_bad_arguments(kwargs, match):
         TaylorCache(_model(), **kwargs)
 
 
+def test_float64_and_timestep_range():
+    m = _model().double()
+    out = _sample(TaylorCache(m, 6, interval=2).forward, make_sampler("ddim", 6),
+                  torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.tensor([1]))
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="t must hold timesteps of the 1000-step training schedule"):
+        TaylorCache(_model(), 6)(torch.randn(1, 4, 8, 8), torch.tensor([1000]), torch.tensor([1]))
+
+
 def test_blocks_needs_gated_blocks():
     with pytest.raises(ValueError, match="features='blocks' needs adaLN-Zero or adaLN"):
         TaylorCache(_model("in-context"), 10, features="blocks")

@@ -165,6 +165,9 @@ class TaylorCache(nn.Module):
         m = self.model
         t = m.check_inputs(x, t, y)
         t_now = float(t.float().max())
+        if self.features == "output" and not 0 <= float(t.min()) <= t_now < len(self.alphas_cumprod):
+            raise ValueError(f"t must hold timesteps of the {len(self.alphas_cumprod)}-step training schedule "
+                             f"(alphas_cumprod) for features='output', got values up to {t_now}")
         if (self._step >= self.num_steps or (self._last_t is not None and t_now >= self._last_t)
                 or (self._shape is not None and self._shape != tuple(x.shape))):
             self.reset()
@@ -186,7 +189,7 @@ class TaylorCache(nn.Module):
         self.num_forecast += 1
         weights = taylor_weights(step - self._full_steps[-1], self._valid)
         if self.features == "output":
-            return self._x0_to_eps(self._forecast("output", weights, torch.float32), x, t)
+            return self._x0_to_eps(self._forecast("output", weights, self._factors["output"].dtype), x, t)
         return self._forecast_step(x, t, y, weights)
 
     def _schedule(self, t: torch.Tensor, x: torch.Tensor):
