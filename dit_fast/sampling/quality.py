@@ -227,6 +227,7 @@ def markdown(report: Dict[str, Any]) -> str:
 def pareto_plot(report: Dict[str, Any], path: str) -> None:
     """Fréchet distance against seconds, one point per configuration (Pareto-optimal ones joined)."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -245,6 +246,8 @@ def pareto_plot(report: Dict[str, Any], path: str) -> None:
             front.append(r)
     ax.plot([r["seconds"] for r in front], [r["frechet_distance"] for r in front], "k--", lw=0.8, label="Pareto front")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel(f"seconds to sample {report['num_samples']} digits (log)")
     ax.set_ylabel("Fréchet distance (classifier features)")
     cfg = report["model_config"]
