@@ -15,6 +15,9 @@ Drop-in for facebookresearch/DiT's `sample.py` (same flags and defaults: --model
                                       channels are shown. Default: mse for latent (4-channel) models,
                                       none for pixel-space ones)
   --step-cache THRESH                reuse the deep blocks between steps (dit_fast.sampling.StepCache)
+  --cache none|step|taylor           feature cache; taylor forecasts features between full model
+                                      evaluations (dit_fast.sampling.TaylorCache; --cache-interval,
+                                      --cache-order, ... default per sampler, see sampling/cache_cli.py)
   --compile / --cuda-graph           compiled / CUDA-graph captured denoising loop
 
 With no --ckpt a randomly initialized model is used (with a warning). With --ckpt, the model's
@@ -310,6 +313,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by sample and sample_ddp (beyond the official ones)."""
     from .diffusion.dpm_solver import SKIP_TYPES
     from .sampling import SAMPLERS
+    from .sampling.cache_cli import add_cache_args
 
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="ddpm (official p_sample_loop), ddim (ddim_sample_loop, eta 0), dpm-solver++ (2M) or "
@@ -329,6 +333,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "block's output is below THRESH (0: off)")
     p.add_argument("--cache-shallow-blocks", type=int, default=1,
                    help="blocks always run with --step-cache (default 1)")
+    add_cache_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the denoising step")
     p.add_argument("--cuda-graph", action="store_true", help="capture the denoising step in a CUDA graph (GPU)")
 
@@ -337,6 +342,7 @@ def build_sampling(args, model: DiT, device: torch.device):
     """Validate the shared sampling flags and move the model to device/dtype.
     Returns (net: the model or its StepCache, sampler, loop mode, number of steps)."""
     from .sampling import StepCache, default_steps, make_sampler
+    from .sampling.cache_cli import build_cache
 
     steps = args.num_sampling_steps if args.num_sampling_steps is not None else default_steps(args.sampler)
     if not 1 <= steps <= 1000:
@@ -364,6 +370,10 @@ def build_sampling(args, model: DiT, device: torch.device):
             raise CLIError(f"--cache-shallow-blocks must be in [1, {depth - 1}] for this depth-{depth} model, "
                            f"got {args.cache_shallow_blocks}")
         net = StepCache(model, threshold=args.step_cache, shallow_blocks=args.cache_shallow_blocks)
+    try:
+        net = build_cache(args, net, model, steps)   # --cache none|step|taylor
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     return net, sampler, mode, steps
 
 

@@ -4,7 +4,7 @@ Drop-in for facebookresearch/DiT's `sample_ddp.py` (same flags and defaults: --m
 --vae ema, --sample-dir samples, --per-proc-batch-size 32, --num-fid-samples 50000,
 --image-size 256, --num-classes 1000, --cfg-scale 1.5, --num-sampling-steps 250, --global-seed 0,
 --tf32/--no-tf32, --ckpt; random labels; guidance only when cfg-scale > 1), plus the sampling flags
-of `dit_fast.sample` (--sampler, --device, --dtype, --guide-channels, --step-cache, --compile,
+of `dit_fast.sample` (--sampler, --device, --dtype, --guide-channels, --step-cache, --cache, --compile,
 --cuda-graph) and --out.
 
 Work is split in shards of --per-proc-batch-size samples. Shard k holds the samples with global
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .sampling.cache_cli import cache_settings
 from .sample import (DTYPES, CLIError, OutputError, add_sampling_args, build_sampling, decode, has_null_class,
                      is_latent, load_model, load_vae, model_fn, resolve_device, to_uint8, validate_sampling_args)
 
@@ -79,8 +80,9 @@ def run_name(args, model) -> str:
                 break
     vae_string = os.path.basename(os.path.normpath(args.vae_resolved))
     size = args.image_size_resolved
+    taylor = cache_settings(args)["cache"] == "taylor"
     return (f"{model_string}-{ckpt_string}-size-{size}-vae-{vae_string}-cfg-{args.cfg_scale}-seed-{args.global_seed}"
-            f"-{args.sampler}-{args.steps}")
+            f"-{args.sampler}-{args.steps}" + ("-cache-taylor" if taylor else ""))
 
 
 def _model_name(model) -> str:
@@ -217,10 +219,12 @@ def run(args, rank: int, world: int, device: torch.device, distributed: bool) ->
     if out.suffix != ".npz":
         raise CLIError(f"--out must name a .npz file, got {str(out)!r}")
     n = args.per_proc_batch_size
+    cache = cache_settings(args)
     meta = dict(name=name, per_proc_batch_size=n, ckpt=args.ckpt, model_config=model.config,
                 cfg_scale=args.cfg_scale, guide_channels=args.guide_channels, sampler=args.sampler, steps=steps,
                 skip_type=args.skip_type, global_seed=args.global_seed, vae=args.vae_resolved,
-                dtype=args.dtype, step_cache=args.step_cache, cache_shallow_blocks=args.cache_shallow_blocks)
+                dtype=args.dtype, step_cache=args.step_cache, cache_shallow_blocks=args.cache_shallow_blocks,
+                taylor_cache=cache if cache["cache"] == "taylor" else None)
     error = None
     if rank == 0:
         try:

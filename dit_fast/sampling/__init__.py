@@ -1,4 +1,4 @@
-"""Sampling loops (eager, compiled, CUDA-graph captured) and step caching for DiT.
+"""Sampling loops (eager, compiled, CUDA-graph captured) and feature caches (StepCache, TaylorCache) for DiT.
 
     from dit_fast.sampling import make_sampler, sample_loop, StepCache
     sampler = make_sampler("dpm-solver++", 20)
@@ -8,6 +8,7 @@
 from .loops import (MODES, SAMPLERS, DiffusionStepper, LoopRunner, default_steps, find_step_cache, make_sampler,
                     sample_loop)
 from .step_cache import StepCache
+from .taylor_cache import TaylorCache
 
-__all__ = ["MODES", "SAMPLERS", "DiffusionStepper", "LoopRunner", "StepCache", "default_steps", "find_step_cache",
+__all__ = ["MODES", "SAMPLERS", "DiffusionStepper", "LoopRunner", "StepCache", "TaylorCache", "default_steps", "find_step_cache",
            "make_sampler", "sample_loop"]
