@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import _backends, nvtx
+from .. import _backends, nvtx, validation
 from ._eager import eager_inference
 
 __all__ = ["taylor_forecast", "taylor_forecast_ref", "taylor_weights", "OP_NAME", "MAX_FACTORS"]
@@ -46,12 +46,35 @@ def _probe_cpu() -> Optional[str]:
     return reason
 
 
+def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
+    """Kernel check for dit_fast.validation: a second-order forecast (3 factors, 2 steps ahead) into
+    an out built like `like`, against the float64 sum."""
+    if like.dim() < 1 or like.numel() == 0:
+        like = like.new_empty(2, 5, 64)
+    shape = validation.small_shape(like, exact)
+    fdt = torch.float64 if like.dtype == torch.float64 else torch.float32
+    factors = torch.stack([validation.randn(shape, like, seed=i).to(fdt) for i in range(3)])
+    w = taylor_weights(2.0, 3)
+
+    def run(b, factors):
+        out = torch.empty(shape, dtype=like.dtype, device=like.device)
+        _KERNELS[b](out, factors, w)
+        return out
+
+    return validation.run_phases(OP_NAME, backend, [
+        validation.phase("fwd", run, (factors,), ("out",),
+                         truth=lambda got: taylor_forecast_ref(factors.double(), w))],
+        dtype=like.dtype)
+
+
 # Keyed by out's dtype (the factors are float32, float64 for float64 out).
 _backends.register_op(OP_NAME, {
     "reference": None,
     "cpu": (torch.float32, torch.bfloat16, torch.float64),
     "triton": (torch.float32, torch.bfloat16, torch.float16),
-}, probes={"cpu": _probe_cpu})
+}, probes={"cpu": _probe_cpu}, validate=_validate,
+    examples=lambda device, dtype: [torch.empty(2, 256, 1152, device=device, dtype=dtype),
+                                    torch.empty(3, 5, 1000, device=device, dtype=dtype)])
 
 
 def taylor_weights(k: float, n: int) -> List[float]:
