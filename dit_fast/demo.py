@@ -35,7 +35,6 @@ from .eval import digits as D
 from .train.args import OneLineArgumentParser
 
 
-
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog=prog or "python -m dit_fast.demo",
                               description="Train a small DiT on the bundled 8x8 digits (CPU, a few minutes), "
