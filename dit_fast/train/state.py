@@ -167,7 +167,7 @@ def rng_state(device: Optional[torch.device] = None) -> Dict[str, Any]:
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if device is not None and device.type == "cuda":  # untested here (no GPU)
+    if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
@@ -179,5 +179,5 @@ def set_rng_state(state: Dict[str, Any], device: Optional[torch.device] = None) 
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), int(n["pos"]),
                          int(n["has_gauss"]), float(n["cached_gaussian"])))
     torch.set_rng_state(state["torch"])
-    if device is not None and device.type == "cuda" and "cuda" in state:  # untested here (no GPU)
+    if device is not None and device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
