@@ -30,10 +30,9 @@ import numpy as np
 import torch
 
 from ._extras import MissingDependency, require
+from .data import DIGITS_NUM_CLASSES as NUM_CLASSES
 from .eval import digits as D
 from .train.args import OneLineArgumentParser
-
-NUM_CLASSES = 10
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:

@@ -6,36 +6,30 @@ import numpy as np
 import pytest
 import torch
 
+from cpu_helpers import one_thread  # noqa: F401  (autouse: one CPU thread per test)
+from dit_fast.data import load_digits_images
 from dit_fast.eval import digits as D
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: these runs are tiny, and faster without threads on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from dit_fast.eval.stats import feature_stats, frechet_distance
 
 
 def test_frechet_distance_matches_the_reference_formula():
     scipy_linalg = pytest.importorskip("scipy.linalg")
     rng = np.random.RandomState(0)
     a, b = rng.randn(300, 12), rng.randn(250, 12) @ rng.randn(12, 12) * 0.5 + 0.3
-    mu1, s1 = D.feature_stats(a)
-    mu2, s2 = D.feature_stats(b)
+    mu1, s1 = feature_stats(a)
+    mu2, s2 = feature_stats(b)
     covmean = scipy_linalg.sqrtm(s1 @ s2).real   # pytorch-fid's formula
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
-    assert D.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
-    assert D.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
     # equal covariances: only the squared mean shift remains
-    assert D.frechet_distance(mu1, s1, mu1 + 2.0, s1) == pytest.approx(4.0 * 12, rel=1e-6)
+    assert frechet_distance(mu1, s1, mu1 + 2.0, s1) == pytest.approx(4.0 * 12, rel=1e-6)
     with pytest.raises(ValueError, match="same length"):
-        D.frechet_distance(mu1, s1, mu2[:5], s2)
+        frechet_distance(mu1, s1, mu2[:5], s2)
 
 
 def test_digits_images_and_uint8_round_trip():
-    x, y = D.load_digits_images(16)
+    x, y = load_digits_images(16)
     assert x.shape == (1797, 1, 16, 16) and y.shape == (1797,)
     assert x.min() == -1 and x.max() == 1 and sorted(set(y.tolist())) == list(range(10))
     arr = D.to_uint8(x[:5])
@@ -43,13 +37,13 @@ def test_digits_images_and_uint8_round_trip():
     assert (arr[..., 0] == arr[..., 2]).all()
     assert (D.from_uint8(arr) - x[:5]).abs().max() <= 1 / 127.5
     with pytest.raises(ValueError, match="image_size"):
-        D.load_digits_images(12)
+        load_digits_images(12)
 
 
 def test_classifier_recognises_real_digits_and_is_deterministic():
     clf = D.train_classifier(16, epochs=6)
     assert clf.val_accuracy >= 0.94, clf.val_accuracy           # held-out real digits
-    x, y = D.load_digits_images(16)
+    x, y = load_digits_images(16)
     real = D.real_feature_stats(clf)
     res = D.evaluate_samples(clf, D.to_uint8(x), y, real)
     assert res["accuracy"] >= 0.94 and res["frechet_distance"] == pytest.approx(0.0, abs=1e-4)

@@ -1,12 +1,12 @@
 """Latent extraction (image + flip, sharded) with a small random AutoencoderKL saved locally, and
 training from the latents and from an ImageFolder encoded on the fly."""
-import argparse
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from cpu_helpers import one_thread  # noqa: F401  (autouse: one CPU thread per test)
 from dit_fast.extract_latents import main as extract_main
 from dit_fast.train import ImageFolder, LatentDataset, SampleKey, make_args, read_metrics, train
 from dit_fast.train.data import preprocess
@@ -16,16 +16,6 @@ diffusers = pytest.importorskip("diffusers")
 IMAGE_SIZE = 16
 TINY_MODEL = dict(model="DiT-S/2", depth=1, hidden_size=32, num_heads=2, global_batch_size=4, num_workers=0,
                   device="cpu", progress=False, log_every=1)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: these runs are tiny, and faster without threads on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 
 @pytest.fixture(scope="module")

@@ -228,9 +228,19 @@ def test_labels_out_of_range(tiny, labels):
         tiny(x, t, torch.tensor(labels))
 
 
-def test_null_class_allowed(tiny):
+def test_null_class_allowed():
+    # label num_classes is classifier-free guidance's null class: the last row of the embedding table
+    model = _perturbed(DiT(**TINY)).eval()
     x, t, _ = _inputs(2)
-    tiny(x, t, torch.tensor([10, 3]))
+    null = TINY["num_classes"]
+    y = torch.tensor([null, 3])
+    with torch.no_grad():
+        out = model(x, t, y)
+        assert out.shape == (2, 2 * TINY["in_channels"], 8, 8) and torch.isfinite(out).all()
+        assert not torch.allclose(out[0], model(x, t, torch.tensor([0, 3]))[0])
+        model.y_embedder.embedding_table.weight[null].add_(1.0)     # changes only the null-labelled sample
+        moved = model(x, t, y)
+    assert not torch.allclose(moved[0], out[0]) and torch.equal(moved[1], out[1])
 
 
 def test_bad_y(tiny):

@@ -1,9 +1,8 @@
-"""scikit-learn's bundled 8x8 digits as a tiny image benchmark for class-conditional DiTs.
+"""scikit-learn's bundled 8x8 digits (dit_fast.data) as a tiny image benchmark for class-conditional DiTs.
 
-- `load_digits_images(size)`: the 1,797 digits upscaled (bilinear) to size x size, in [-1, 1].
 - `DigitsClassifier` / `train_classifier(...)`: a small deterministic CNN trained on the real digits;
   its 128-d penultimate layer is the feature space for `frechet_distance` (the digits' stand-in for
-  Inception features in FID).
+  Inception features in FID); `digits_features(...)` is that space as an FID feature function.
 - `to_uint8` / `from_uint8`: the official FID dump's encoding (N x H x W x 3 uint8).
 - `evaluate_samples(...)`: accuracy (sample recognised as its conditioning class) and the Fréchet
   distance between real and generated features.
@@ -11,48 +10,15 @@
 Everything is computed on the fly from the bundled data; nothing is cached on disk.
 """
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fid import frechet_distance
-
-NUM_CLASSES = 10
-SIZES = (8, 16, 32)
-
-
-def load_digits_images(image_size: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 digits as (N, 1, S, S) float32 in [-1, 1] and (N,) int64 labels."""
-    if image_size not in SIZES:
-        raise ValueError(f"image_size must be one of {SIZES} for the digits, got {image_size!r}")
-    images, targets = _bundled_digits()
-    x = torch.from_numpy(images).float().div_(16.0).unsqueeze(1)             # (N, 1, 8, 8) in [0, 1]
-    if image_size != 8:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    x = x.clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
-    return x.contiguous(), torch.from_numpy(targets).long()
-
-
-def _bundled_digits() -> Tuple[np.ndarray, np.ndarray]:
-    """(1797, 8, 8) grey levels 0..16 and (1797,) labels: scikit-learn's digits.csv.gz, read directly
-    (what sklearn.datasets.load_digits reads, without importing scikit-learn's estimators)."""
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the digits data ships with scikit-learn: pip install scikit-learn")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", "digits.csv.gz")
-    if not os.path.isfile(path):  # a future layout: ask scikit-learn itself
-        from sklearn.datasets import load_digits
-
-        data = load_digits()
-        return data.images, data.target
-    arr = np.loadtxt(path, delimiter=",")
-    return arr[:, :-1].reshape(-1, 8, 8), arr[:, -1].astype(np.int64)
+from ..data import DIGITS_NUM_CLASSES, load_digits_images
+from .stats import feature_stats, frechet_distance
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -80,7 +46,7 @@ class DigitsClassifier(nn.Module):
 
     feature_dim = 128
 
-    def __init__(self, num_classes: int = NUM_CLASSES):
+    def __init__(self, num_classes: int = DIGITS_NUM_CLASSES):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 64, 3, stride=2, padding=1)
@@ -190,12 +156,14 @@ def train_classifier(image_size: int = 16, epochs: int = 12, batch_size: int = 6
     return clf
 
 
-def feature_stats(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of an (N, D) feature set (N >= 2)."""
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(f"features must be (N >= 2, D), got shape {features.shape}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+def digits_features(image_size: int, seed: int = 0) -> Callable[[np.ndarray], torch.Tensor]:
+    """A feature_fn for feature_statistics from a classifier trained on the fly (deterministic in `seed`):
+    uint8 (N, H, W, 3) -> (N, 128) float64 features."""
+    clf = train_classifier(image_size=image_size, seed=seed)
+
+    def fn(batch: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(clf.features(from_uint8(np.asarray(batch))))
+    return fn
 
 
 def evaluate_samples(clf: TrainedClassifier, samples: np.ndarray, labels: Sequence[int],

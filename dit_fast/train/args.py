@@ -8,8 +8,9 @@ import argparse
 import math
 import os
 import sys
-from typing import List, Optional, Sequence, Set, Tuple
+from typing import Optional, Sequence, Set, Tuple
 
+from ..data import DIGITS_SIZES
 from ..models.dit import BLOCK_TYPES, DiT_models
 
 DATASETS = ("auto", "imagefolder", "latents", "digits")
@@ -138,7 +139,7 @@ def validate(args: argparse.Namespace, custom_dataset: bool = False) -> None:
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size must be positive, got {args.image_size}")
     if args.dataset == "digits":
-        if args.image_size is not None and args.image_size not in (8, 16, 32):
+        if args.image_size is not None and args.image_size not in DIGITS_SIZES:
             raise ValueError(f"--image-size must be 8, 16 or 32 with --dataset digits, got {args.image_size}")
     elif args.data_path is None and args.resume is None and not custom_dataset:
         raise ValueError("--data-path is required (an ImageFolder root or extracted latents), "
@@ -171,7 +172,3 @@ def make_args(**overrides) -> argparse.Namespace:
             raise ValueError(f"unknown training argument {k!r}")
         setattr(args, k, v)
     return args
-
-
-def cli_flags(names: List[str]) -> str:
-    return ", ".join("--" + n.replace("_", "-") for n in names)

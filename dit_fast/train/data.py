@@ -1,19 +1,24 @@
-"""Training data: ImageFolder trees, pre-extracted latents, the bundled digits, and the sampler.
+"""Training data: ImageFolder trees, pre-extracted latents, the bundled digits, the choice among them
+from the arguments (`build_data`), and the sampler.
 
 Every random choice the data makes (order, horizontal flip, the latent sample drawn from a stored
 VAE posterior) is a function of (seed, epoch, index), handed to the dataset by `TrainSampler` as a
 `SampleKey`. Nothing depends on worker processes or on where a run was resumed, so a resumed run
 reads exactly the batches the uninterrupted run would have read.
 """
+import argparse
 import bisect
 import json
 import os
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
+
+from .._extras import MissingDependency, require
+from ..data import DIGITS_NUM_CLASSES, DIGITS_SIZES, load_digits_images
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 LATENTS_FORMAT = "dit_fast.latents/1"
@@ -238,13 +243,11 @@ class DigitsDataset(Dataset):
 
     accepts_sample_key = True
 
-    def __init__(self, image_size: int = 16):
-        from ..eval.digits import load_digits_images
+    num_classes = DIGITS_NUM_CLASSES
 
+    def __init__(self, image_size: int = 16):
         self.images, self.labels = load_digits_images(image_size)
         self.image_size = image_size
-
-    num_classes = 10
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -288,6 +291,70 @@ def keyed(dataset) -> Dataset:
 
 def is_latents_dir(path) -> bool:
     return (Path(path) / LATENTS_META).is_file()
+
+
+# --------------------------------------------------------------------------- from the arguments
+
+class TrainData:
+    """The training data: a dataset of model inputs, the VAE that encodes it on the fly (ImageFolder
+    data; None otherwise) with its latent scale, and the model's input channels and size."""
+
+    def __init__(self, dataset, vae=None, scale: float = 1.0, in_channels: int = 3, input_size: int = 32):
+        self.dataset, self.vae, self.scale = dataset, vae, scale
+        self.in_channels, self.input_size = in_channels, input_size
+
+
+def build_data(args: argparse.Namespace, device: torch.device, dataset=None) -> TrainData:
+    """Dataset + (optional) VAE + model input geometry; fills args.image_size / args.dataset."""
+    if dataset is not None:  # a user dataset of model inputs (pixels or latents), (x, label) items
+        ds = keyed(dataset)
+        if len(ds) == 0:
+            raise ValueError("dataset: the custom dataset is empty")
+        x0 = ds[0][0]
+        if not isinstance(x0, torch.Tensor) or x0.dim() != 3 or x0.shape[1] != x0.shape[2]:
+            raise ValueError("dataset: items must be (x, label) with x a (C, S, S) tensor, got "
+                             f"{tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__}")
+        args.dataset = "custom"
+        args.image_size = args.image_size or int(x0.shape[-1])
+        return TrainData(ds, None, 1.0, int(x0.shape[0]), int(x0.shape[-1]))
+
+    kind = args.dataset
+    if kind == "auto":
+        if args.data_path is None:
+            raise ValueError("--data-path is required (an ImageFolder root or extracted latents), unless --dataset digits")
+        if not Path(args.data_path).exists():
+            raise ValueError(f"--data-path {args.data_path!r} does not exist")
+        kind = "latents" if is_latents_dir(args.data_path) else "imagefolder"
+        args.dataset = kind
+    if kind == "digits":
+        size = args.image_size or 16
+        if size not in DIGITS_SIZES:
+            raise ValueError(f"--image-size must be 8, 16 or 32 with --dataset digits, got {size}")
+        args.image_size = size
+        try:
+            require(["sklearn"], "demo", "--dataset digits")
+        except MissingDependency as e:
+            raise ValueError(str(e)) from None
+        return TrainData(DigitsDataset(size), None, 1.0, 1, size)
+    if args.data_path is None:
+        raise ValueError(f"--data-path is required with --dataset {kind}")
+    if not Path(args.data_path).exists():
+        raise ValueError(f"--data-path {args.data_path!r} does not exist")
+    if kind == "latents":
+        ds = LatentDataset(args.data_path)
+        if args.image_size is not None and args.image_size != ds.image_size:
+            raise ValueError(f"--image-size {args.image_size} differs from the latents' image size {ds.image_size}")
+        args.image_size = ds.image_size
+        c, h, w = ds.latent_shape
+        return TrainData(ds, None, 1.0, c, h)
+    # ImageFolder, encoded on the fly
+    from .vae import load_vae, vae_geometry, vae_scale
+
+    args.image_size = args.image_size or 256
+    ds = ImageFolder(args.data_path, args.image_size, skip_bad=bool(getattr(args, "skip_bad_images", False)))
+    vae = load_vae(args.vae, device)
+    channels, size = vae_geometry(vae, args.image_size)
+    return TrainData(ds, vae, vae_scale(vae), channels, size)
 
 
 # --------------------------------------------------------------------------- sampler
@@ -344,8 +411,3 @@ def split_batch(global_batch_size: int, world_size: int) -> int:
         raise ValueError(f"--global-batch-size {global_batch_size} must be divisible by the world size "
                          f"{world_size} (one equal share per process)")
     return global_batch_size // world_size
-
-
-def check_labels(labels: Sequence[int], num_classes: int) -> None:
-    if len(labels) and (min(labels) < 0 or max(labels) >= num_classes):
-        raise ValueError(f"--num-classes {num_classes}: the data has labels in [{min(labels)}, {max(labels)}]")

@@ -66,7 +66,7 @@ def setup(device: str = "auto") -> DistContext:
         return DistContext(0, 1, 0, dev, "")
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
-        torch.cuda.set_device(dev)  # untested here (no GPU): one process per GPU, nccl
+        torch.cuda.set_device(dev)  # one process per GPU, nccl
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, **kwargs)

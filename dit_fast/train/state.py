@@ -5,11 +5,12 @@ needs (`step`, `epoch`, `rng` per rank, `data`, `config`). Everything in it is a
 Python value or the argparse.Namespace of the run, so it loads with torch.load(weights_only=True)
 (dit_fast.checkpoint reads the `ema`/`model` weights and the `config` of it).
 """
+import argparse
 import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from ..checkpoint import io_reason, torch_load
 FORMAT = "dit_fast.train/1"
 CKPT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"^(\d{7,})\.pt$")
+# Changing these on --resume gives a run that is no longer the continuation of the original one.
+ORDER_ARGS = ("global_seed", "global_batch_size", "data_path", "dataset", "image_size")
 
 
 def checkpoint_path(results_dir, step: int) -> Path:
@@ -114,6 +117,44 @@ def load(path) -> Dict[str, Any]:
     return obj
 
 
+# --------------------------------------------------------------------------- the run's arguments
+
+def plain_args(args: argparse.Namespace) -> argparse.Namespace:
+    """A Namespace of plain values only (weights_only-loadable)."""
+    out = argparse.Namespace()
+    for k, v in vars(args).items():
+        if isinstance(v, Path):
+            v = str(v)
+        if v is None or isinstance(v, (bool, int, float, str)):
+            setattr(out, k, v)
+        elif isinstance(v, (list, tuple)) and all(isinstance(e, (bool, int, float, str)) for e in v):
+            setattr(out, k, list(v))
+    return out
+
+
+def merge_resume_args(args: argparse.Namespace, saved: argparse.Namespace, explicit: Optional[Set[str]],
+                      ckpt_path: Path, logger_msgs: list) -> argparse.Namespace:
+    """The saved run's arguments, updated with the ones given now (all of them for the Python API)."""
+    merged = argparse.Namespace(**vars(saved))
+    if explicit is None:  # the Python API: the arguments set away from their defaults
+        from .args import defaults
+
+        base = vars(defaults())
+        explicit = {k for k, v in vars(args).items() if k not in base or base[k] != v}
+    for k, v in vars(args).items():
+        if k in explicit or not hasattr(merged, k):
+            setattr(merged, k, v)
+    if "results_dir" not in explicit:
+        merged.results_dir = str(run_dir_of(ckpt_path))
+    merged.resume = str(ckpt_path)
+    changed = [k for k in ORDER_ARGS if getattr(saved, k, None) != getattr(merged, k, None)
+               and hasattr(saved, k)]
+    if changed:
+        logger_msgs.append("warning: --resume with changed " + ", ".join("--" + c.replace("_", "-") for c in changed)
+                           + ": the data order will differ from the original run")
+    return merged
+
+
 # --------------------------------------------------------------------------- RNG state
 
 def rng_state(device: Optional[torch.device] = None) -> Dict[str, Any]:
@@ -126,7 +167,7 @@ def rng_state(device: Optional[torch.device] = None) -> Dict[str, Any]:
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if device is not None and device.type == "cuda":  # untested here (no GPU)
+    if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
@@ -138,5 +179,5 @@ def set_rng_state(state: Dict[str, Any], device: Optional[torch.device] = None) 
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), int(n["pos"]),
                          int(n["has_gauss"]), float(n["cached_gaussian"])))
     torch.set_rng_state(state["torch"])
-    if device is not None and device.type == "cuda" and "cuda" in state:  # untested here (no GPU)
+    if device is not None and device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)

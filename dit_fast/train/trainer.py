@@ -29,20 +29,16 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from .._extras import MissingDependency, require
 from ..checkpoint import state_dict_mismatch
 from ..models.dit import DiT, DiT_configs, DiT_models, _check_config
 from . import distributed as dist_utils
 from . import state as ckpt_state
 from .args import validate
-from .data import (BadImageError, DigitsDataset, ImageFolder, LatentDataset, TrainSampler, is_latents_dir, keyed,
-                   label_count, split_batch)
+from .data import BadImageError, TrainSampler, build_data, label_count, split_batch
 from .ema import make_ema, update_ema
 
 LOGGER_NAME = "dit_fast.train"
 METRICS_FILE = "metrics.jsonl"
-# Changing these on --resume gives a run that is no longer the continuation of the original one.
-_ORDER_ARGS = ("global_seed", "global_batch_size", "data_path", "dataset", "image_size")
 
 
 class TrainingError(RuntimeError):
@@ -83,19 +79,6 @@ def enable_grad_checkpointing(model: DiT) -> None:
             return _fwd(*inputs, **kwargs)
 
         block.forward = wrapped
-
-
-def _plain_args(args: argparse.Namespace) -> argparse.Namespace:
-    """A Namespace of plain values only (weights_only-loadable)."""
-    out = argparse.Namespace()
-    for k, v in vars(args).items():
-        if isinstance(v, Path):
-            v = str(v)
-        if v is None or isinstance(v, (bool, int, float, str)):
-            setattr(out, k, v)
-        elif isinstance(v, (list, tuple)) and all(isinstance(e, (bool, int, float, str)) for e in v):
-            setattr(out, k, list(v))
-    return out
 
 
 def _setup_logger(results_dir: Optional[Path], is_main: bool, use_bar: bool) -> logging.Logger:
@@ -159,89 +142,7 @@ def read_metrics(results_dir) -> list:
     return out
 
 
-def _merge_resume_args(args: argparse.Namespace, saved: argparse.Namespace, explicit: Optional[Set[str]],
-                       ckpt_path: Path, logger_msgs: list) -> argparse.Namespace:
-    """The saved run's arguments, updated with the ones given now (all of them for the Python API)."""
-    merged = argparse.Namespace(**vars(saved))
-    if explicit is None:  # the Python API: the arguments set away from their defaults
-        from .args import defaults
-
-        base = vars(defaults())
-        explicit = {k for k, v in vars(args).items() if k not in base or base[k] != v}
-    for k, v in vars(args).items():
-        if k in explicit or not hasattr(merged, k):
-            setattr(merged, k, v)
-    if "results_dir" not in explicit:
-        merged.results_dir = str(ckpt_state.run_dir_of(ckpt_path))
-    merged.resume = str(ckpt_path)
-    changed = [k for k in _ORDER_ARGS if getattr(saved, k, None) != getattr(merged, k, None)
-               and hasattr(saved, k)]
-    if changed:
-        logger_msgs.append("warning: --resume with changed " + ", ".join("--" + c.replace("_", "-") for c in changed)
-                           + ": the data order will differ from the original run")
-    return merged
-
-
-# --------------------------------------------------------------------------- data
-
-class _Data:
-    def __init__(self, dataset, vae=None, scale: float = 1.0, in_channels: int = 3, input_size: int = 32):
-        self.dataset, self.vae, self.scale = dataset, vae, scale
-        self.in_channels, self.input_size = in_channels, input_size
-
-
-def build_data(args: argparse.Namespace, device: torch.device, dataset=None) -> _Data:
-    """Dataset + (optional) VAE + model input geometry; fills args.image_size / args.dataset."""
-    if dataset is not None:  # a user dataset of model inputs (pixels or latents), (x, label) items
-        ds = keyed(dataset)
-        if len(ds) == 0:
-            raise ValueError("dataset: the custom dataset is empty")
-        x0 = ds[0][0]
-        if not isinstance(x0, torch.Tensor) or x0.dim() != 3 or x0.shape[1] != x0.shape[2]:
-            raise ValueError("dataset: items must be (x, label) with x a (C, S, S) tensor, got "
-                             f"{tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__}")
-        args.dataset = "custom"
-        args.image_size = args.image_size or int(x0.shape[-1])
-        return _Data(ds, None, 1.0, int(x0.shape[0]), int(x0.shape[-1]))
-
-    kind = args.dataset
-    if kind == "auto":
-        if args.data_path is None:
-            raise ValueError("--data-path is required (an ImageFolder root or extracted latents), unless --dataset digits")
-        if not Path(args.data_path).exists():
-            raise ValueError(f"--data-path {args.data_path!r} does not exist")
-        kind = "latents" if is_latents_dir(args.data_path) else "imagefolder"
-        args.dataset = kind
-    if kind == "digits":
-        size = args.image_size or 16
-        if size not in (8, 16, 32):
-            raise ValueError(f"--image-size must be 8, 16 or 32 with --dataset digits, got {size}")
-        args.image_size = size
-        try:
-            require(["sklearn"], "demo", "--dataset digits")
-        except MissingDependency as e:
-            raise ValueError(str(e)) from None
-        return _Data(DigitsDataset(size), None, 1.0, 1, size)
-    if args.data_path is None:
-        raise ValueError(f"--data-path is required with --dataset {kind}")
-    if not Path(args.data_path).exists():
-        raise ValueError(f"--data-path {args.data_path!r} does not exist")
-    if kind == "latents":
-        ds = LatentDataset(args.data_path)
-        if args.image_size is not None and args.image_size != ds.image_size:
-            raise ValueError(f"--image-size {args.image_size} differs from the latents' image size {ds.image_size}")
-        args.image_size = ds.image_size
-        c, h, w = ds.latent_shape
-        return _Data(ds, None, 1.0, c, h)
-    # ImageFolder, encoded on the fly
-    from .vae import load_vae, vae_geometry, vae_scale
-
-    args.image_size = args.image_size or 256
-    ds = ImageFolder(args.data_path, args.image_size, skip_bad=bool(getattr(args, "skip_bad_images", False)))
-    vae = load_vae(args.vae, device)
-    channels, size = vae_geometry(vae, args.image_size)
-    return _Data(ds, vae, vae_scale(vae), channels, size)
-
+# --------------------------------------------------------------------------- training
 
 def _batches(loader, step_now):
     """The loader's batches; an unreadable image stops training with one line naming the file."""
@@ -255,8 +156,6 @@ def _batches(loader, step_now):
             raise TrainingError(f"{e}; training stopped at step {step_now() + 1}") from None
         yield batch
 
-
-# --------------------------------------------------------------------------- training
 
 def train(args: argparse.Namespace, dataset=None, explicit: Optional[Set[str]] = None) -> Dict[str, Any]:
     """Train a DiT as `python -m dit_fast.train` does (see `dit_fast.train.make_args` for arguments).
@@ -275,175 +174,384 @@ def train(args: argparse.Namespace, dataset=None, explicit: Optional[Set[str]] =
     if args.resume:
         ckpt_path = ckpt_state.resolve_resume(args.resume)
         resume = ckpt_state.load(ckpt_path)
-        args = _merge_resume_args(args, resume["args"], explicit, ckpt_path, notes)
+        args = ckpt_state.merge_resume_args(args, resume["args"], explicit, ckpt_path, notes)
     validate(args, custom_dataset=dataset is not None)
     split_batch(args.global_batch_size, dist_utils.env_world_size())  # before joining the process group
     ctx = dist_utils.setup(getattr(args, "device", "auto"))
     try:
-        return _run(args, ctx, dataset, resume, notes)
+        return _Run(args, ctx, resume).run(dataset, notes)
     finally:
         dist_utils.cleanup(ctx)
 
 
-def _run(args, ctx: dist_utils.DistContext, dataset, resume: Optional[dict], notes: list) -> Dict[str, Any]:
-    device = ctx.device
-    local_batch = split_batch(args.global_batch_size, ctx.world_size)
+class _Window:
+    """Metrics summed on the device over the steps since the last log step, read back only at sync
+    points: loss / mse / vb (averaged over ranks), this rank's own loss, and the step (with its loss)
+    of the first non-finite loss (-1: none; training stops at the sync point that finds one)."""
 
-    # ---- seeds (official: one per rank), TF32
-    seed = args.global_seed * ctx.world_size + ctx.rank
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
-    if device.type == "cuda":  # untested here (no GPU)
-        torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
-        torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    def __init__(self, device: torch.device, step: int):
+        self.sum = torch.zeros(3, dtype=torch.float64, device=device)
+        self.local_sum = torch.zeros(1, dtype=torch.float64, device=device)
+        self.step_t = torch.full((), step, dtype=torch.long, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.start = time.time()
 
-    # ---- data, model geometry, classes
-    data = build_data(args, device, dataset)
-    data_classes = label_count(data.dataset)
-    if args.num_classes is None:
-        if data_classes is None:
-            raise ValueError("--num-classes: cannot read the number of classes from this dataset; pass it")
-        args.num_classes = data_classes
-    if args.num_classes > 1 and data_classes is not None and data_classes > args.num_classes:
-        raise ValueError(f"--num-classes {args.num_classes}: the data has {data_classes} classes")
-    if args.num_classes == 1:
-        args.class_dropout_prob = 0.0   # unconditional: every label is 0, no null class
-    elif args.class_dropout_prob is None:
-        args.class_dropout_prob = 0.1
-    config = build_model_config(args, data.input_size, data.in_channels)
+    def add(self, stats: torch.Tensor, ctx: dist_utils.DistContext) -> None:
+        """One step's (loss, mse, vb) of this rank; all-reduced in place."""
+        self.local_sum += stats[0]
+        dist_utils.all_reduce_mean(stats, ctx)
+        self.sum += stats
+        self.step_t += 1
+        new_bad = (self.first_bad < 0) & ~torch.isfinite(stats[0])
+        self.first_bad = torch.where(new_bad, self.step_t, self.first_bad)
+        self.bad_loss = torch.where(new_bad, stats[0], self.bad_loss)
+        self.steps += 1
 
-    # ---- results directory, logging
-    results_dir = Path(args.results_dir)
-    ckpt_dir = results_dir / ckpt_state.CKPT_DIR
-    problem = None
-    if ctx.is_main:  # rank 0 owns the directory; every rank learns its verdict (no rank left waiting)
-        if resume is None and ckpt_state.list_checkpoints(ckpt_dir):
-            problem = (f"--results-dir {str(results_dir)!r} already holds checkpoints; pass --resume "
-                       f"{str(results_dir)!r} to continue that run, or choose another directory")
+    def reset(self) -> None:
+        self.sum.zero_()
+        self.local_sum.zero_()
+        self.steps = 0
+        self.start = time.time()
+
+
+class _Run:
+    """One training run. `run` reads top-down: seeds, data, output directory and logger, model, data
+    order, resumed RNG states, then the loop; every step runs `_step`, log steps `_log`, checkpoint
+    steps `_save`. Each setup phase sets the attributes the later ones use."""
+
+    def __init__(self, args: argparse.Namespace, ctx: dist_utils.DistContext, resume: Optional[dict]):
+        self.args, self.ctx, self.device, self.resume = args, ctx, ctx.device, resume
+        self.local_batch = split_batch(args.global_batch_size, ctx.world_size)
+        self.step = 0
+        self.skipped: list = []          # unreadable images replaced so far (--skip-bad-images)
+        self.skipped_logged = 0
+
+    def run(self, dataset, notes: list) -> Dict[str, Any]:
+        self._setup_seeds()
+        self._setup_data(dataset)
+        self._setup_output(notes)
+        self._setup_model()
+        self._setup_data_order()
+        if self.resume is not None:
+            self._restore_rng()          # last: nothing may draw from the RNGs between here and the first step
+        self._reset_metrics()
+        model_fn = self._model_fn()
+        self.train_model.train()
+        self.ema.eval()
+        self.summary: Dict[str, Any] = {"results_dir": str(self.results_dir), "start_step": self.step,
+                                        "last_checkpoint": None, "metrics": None}
+        self.last_ckpt: Optional[Path] = Path(self.args.resume) if self.resume is not None else None
+        if self.step >= self.limit:
+            self.logger.info(f"Nothing to do: step {self.step} >= the limit {self.limit} (--max-steps / --epochs)")
         else:
-            try:
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                ckpt_state.remove_stale_temporaries(ckpt_dir)
-            except OSError as e:
-                problem = f"--results-dir {str(results_dir)!r}: {e.strerror or e}"
-    problem = dist_utils.broadcast_object(problem, ctx)
-    if problem:
-        raise ValueError(problem)
-    use_bar = bool(getattr(args, "progress", True)) and ctx.is_main and sys.stderr.isatty()
-    logger = _setup_logger(results_dir if ctx.is_main else None, ctx.is_main, use_bar)
-    for note in notes:
-        logger.warning(note)
-    logger.info(f"Experiment directory: {results_dir}" + (" (resuming)" if resume is not None else ""))
+            self._loop(model_fn)
+            self.model.eval()
+            self.logger.info(f"Done! step {self.step}, {time.time() - self.t_start:.1f}s")
+        last = str(self.last_ckpt) if self.last_ckpt else None
+        self.summary.update(step=self.step, epoch=self.step // self.spe, last_checkpoint=last)
+        return self.summary
 
-    # ---- model, EMA, optimizer (official order and settings)
-    model = DiT(**config)
-    ema = make_ema(model)            # before grad checkpointing wraps the training model's blocks
-    if args.grad_checkpointing:
-        enable_grad_checkpointing(model)
-    model.to(device)
-    ema.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step = 0
-    if resume is not None:
-        problem = state_dict_mismatch(model, resume["model"])
+    # ---- setup
+
+    def _setup_seeds(self) -> None:
+        """Official: one seed per rank. TF32 on GPUs unless --no-tf32."""
+        self.seed = self.args.global_seed * self.ctx.world_size + self.ctx.rank
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed % 2 ** 32)
+        random.seed(self.seed)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = bool(self.args.tf32)
+            torch.backends.cudnn.allow_tf32 = bool(self.args.tf32)
+
+    def _setup_data(self, dataset) -> None:
+        """The data, the number of classes (and label dropout) and the model configuration."""
+        args = self.args
+        self.data = build_data(args, self.device, dataset)
+        data_classes = label_count(self.data.dataset)
+        if args.num_classes is None:
+            if data_classes is None:
+                raise ValueError("--num-classes: cannot read the number of classes from this dataset; pass it")
+            args.num_classes = data_classes
+        if args.num_classes > 1 and data_classes is not None and data_classes > args.num_classes:
+            raise ValueError(f"--num-classes {args.num_classes}: the data has {data_classes} classes")
+        if args.num_classes == 1:
+            args.class_dropout_prob = 0.0   # unconditional: every label is 0, no null class
+        elif args.class_dropout_prob is None:
+            args.class_dropout_prob = 0.1
+        self.config = build_model_config(args, self.data.input_size, self.data.in_channels)
+
+    def _setup_output(self, notes: list) -> None:
+        """The results directory (refused if it holds another run's checkpoints) and the logger."""
+        ctx = self.ctx
+        self.results_dir = Path(self.args.results_dir)
+        self.ckpt_dir = self.results_dir / ckpt_state.CKPT_DIR
+        problem = None
+        if ctx.is_main:  # rank 0 owns the directory; every rank learns its verdict (no rank left waiting)
+            if self.resume is None and ckpt_state.list_checkpoints(self.ckpt_dir):
+                problem = (f"--results-dir {str(self.results_dir)!r} already holds checkpoints; pass --resume "
+                           f"{str(self.results_dir)!r} to continue that run, or choose another directory")
+            else:
+                try:
+                    self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                    ckpt_state.remove_stale_temporaries(self.ckpt_dir)
+                except OSError as e:
+                    problem = f"--results-dir {str(self.results_dir)!r}: {e.strerror or e}"
+        problem = dist_utils.broadcast_object(problem, ctx)
+        if problem:
+            raise ValueError(problem)
+        self.use_bar = bool(getattr(self.args, "progress", True)) and ctx.is_main and sys.stderr.isatty()
+        self.logger = _setup_logger(self.results_dir if ctx.is_main else None, ctx.is_main, self.use_bar)
+        for note in notes:
+            self.logger.warning(note)
+        self.logger.info(f"Experiment directory: {self.results_dir}"
+                         + (" (resuming)" if self.resume is not None else ""))
+
+    def _setup_model(self) -> None:
+        """Model, EMA, optimizer (official order and settings), resumed weights, DDP, diffusion."""
+        args, config, device = self.args, self.config, self.device
+        self.model = model = DiT(**config)
+        self.ema = make_ema(model)       # before grad checkpointing wraps the training model's blocks
+        if args.grad_checkpointing:
+            enable_grad_checkpointing(model)
+        model.to(device)
+        self.ema.to(device)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        if self.resume is not None:
+            self._load_weights()
+        else:
+            update_ema(self.ema, model, decay=0)  # ensure EMA is initialized with synced weights
+        n_params = sum(p.numel() for p in model.parameters())
+        self.logger.info(f"DiT Parameters: {n_params:,} ({config['depth']} blocks, width {config['hidden_size']}, "
+                         f"patch {config['patch_size']}, input {config['in_channels']}x{config['input_size']}^2)")
+        self.train_model: nn.Module = model
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        from ..diffusion import create_diffusion
+
+        # official: 1000 steps, linear noise schedule
+        self.diffusion = create_diffusion(timestep_respacing="",
+                                          noise_schedule=getattr(args, "noise_schedule", "linear"))
+
+    def _load_weights(self) -> None:
+        """Model, EMA and optimizer state of the checkpoint resumed from; this run's lr and weight decay."""
+        args, config, resume = self.args, self.config, self.resume
+        problem = state_dict_mismatch(self.model, resume["model"])
         if problem:
             raise ValueError(f"--resume {args.resume!r}: the checkpoint does not match this model configuration "
                              f"(depth {config['depth']}, width {config['hidden_size']}, patch "
                              f"{config['patch_size']}): {problem}")
         try:
-            model.load_state_dict(resume["model"], strict=True)
-            ema.load_state_dict(resume["ema"], strict=True)
-            opt.load_state_dict(resume["opt"])
+            self.model.load_state_dict(resume["model"], strict=True)
+            self.ema.load_state_dict(resume["ema"], strict=True)
+            self.opt.load_state_dict(resume["opt"])
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"--resume {args.resume!r}: the checkpoint does not match this model "
                              f"configuration: {' '.join(str(e).split())}") from None
-        for group in opt.param_groups:   # the arguments of this run win over the saved hyperparameters
+        for group in self.opt.param_groups:   # the arguments of this run win over the saved hyperparameters
             group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-        step = int(resume["step"])
-    else:
-        update_ema(ema, model, decay=0)  # ensure EMA is initialized with synced weights
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"DiT Parameters: {n_params:,} ({config['depth']} blocks, width {config['hidden_size']}, "
-                f"patch {config['patch_size']}, input {config['in_channels']}x{config['input_size']}^2)")
+        self.step = int(resume["step"])
 
-    train_model: nn.Module = model
-    if ctx.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    def _setup_data_order(self) -> None:
+        """The sampler (the official seeded order, startable mid-epoch), the loader and the step limit."""
+        args, ctx, dataset = self.args, self.ctx, self.data.dataset
+        self.sampler = TrainSampler(dataset, ctx.world_size, ctx.rank, args.global_seed, self.local_batch)
+        self.spe = spe = self.sampler.steps_per_epoch
+        if spe == 0:
+            raise ValueError(f"--global-batch-size {args.global_batch_size}: the dataset ({len(dataset)} samples) "
+                             f"gives no full batch of {self.local_batch} per process")
+        self.loader = DataLoader(dataset, batch_size=self.local_batch, sampler=self.sampler,
+                                 num_workers=args.num_workers, pin_memory=self.device.type == "cuda", drop_last=True,
+                                 generator=torch.Generator().manual_seed(self.seed), persistent_workers=False)
+        self.logger.info(f"Dataset contains {len(dataset):,} samples ({args.dataset}), {spe:,} steps per epoch, "
+                         f"batch {self.local_batch} x {ctx.world_size} process(es)")
+        self.limit = args.epochs * spe
+        if args.max_steps is not None:
+            self.limit = min(self.limit, args.max_steps)
 
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    from ..diffusion import create_diffusion
-
-    # official: 1000 steps, linear noise schedule
-    diffusion = create_diffusion(timestep_respacing="", noise_schedule=getattr(args, "noise_schedule", "linear"))
-
-    # ---- data order
-    sampler = TrainSampler(data.dataset, ctx.world_size, ctx.rank, args.global_seed, local_batch)
-    spe = sampler.steps_per_epoch
-    if spe == 0:
-        raise ValueError(f"--global-batch-size {args.global_batch_size}: the dataset ({len(data.dataset)} samples) "
-                         f"gives no full batch of {local_batch} per process")
-    loader = DataLoader(data.dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True,
-                        generator=torch.Generator().manual_seed(seed),
-                        persistent_workers=False)
-    logger.info(f"Dataset contains {len(data.dataset):,} samples ({args.dataset}), {spe:,} steps per epoch, "
-                f"batch {local_batch} x {ctx.world_size} process(es)")
-    limit = args.epochs * spe
-    if args.max_steps is not None:
-        limit = min(limit, args.max_steps)
-
-    # ---- restore RNG states last: nothing may draw from them between here and the first step
-    if resume is not None:
+    def _restore_rng(self) -> None:
+        """This rank's RNG states from the checkpoint (reseeded, with a warning, if the world size changed)."""
+        resume, ctx, logger = self.resume, self.ctx, self.logger
         rng = resume.get("rng") or []
         if len(rng) == ctx.world_size:
-            ckpt_state.set_rng_state(rng[ctx.rank], device)
+            ckpt_state.set_rng_state(rng[ctx.rank], self.device)
         else:
             logger.warning(f"warning: the checkpoint holds RNG states for {len(rng)} process(es), this run has "
                            f"{ctx.world_size}: random streams are reseeded (the run continues, not bit-exactly)")
-            torch.manual_seed(seed + 1_000_003 * step)
-        if resume.get("steps_per_epoch") not in (None, spe):
-            logger.warning(f"warning: {spe} steps per epoch now, {resume.get('steps_per_epoch')} in the checkpoint; "
-                           f"the data order differs from the original run")
-        logger.info(f"Resumed from {args.resume} at step {step}")
+            torch.manual_seed(self.seed + 1_000_003 * self.step)
+        if resume.get("steps_per_epoch") not in (None, self.spe):
+            logger.warning(f"warning: {self.spe} steps per epoch now, {resume.get('steps_per_epoch')} in the "
+                           f"checkpoint; the data order differs from the original run")
+        logger.info(f"Resumed from {self.args.resume} at step {self.step}")
 
-    metrics_path = results_dir / METRICS_FILE
-    if ctx.is_main:
-        if resume is not None:
-            _truncate_metrics(metrics_path, step)
-        else:
-            metrics_path.unlink(missing_ok=True)
+    def _reset_metrics(self) -> None:
+        """metrics.jsonl: a resumed run drops the records after its checkpoint, a new run starts empty."""
+        self.metrics_path = self.results_dir / METRICS_FILE
+        if self.ctx.is_main:
+            if self.resume is not None:
+                _truncate_metrics(self.metrics_path, self.step)
+            else:
+                self.metrics_path.unlink(missing_ok=True)
 
-    bf16 = args.precision == "bf16"
-    if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():  # untested here (no GPU)
-        raise ValueError("--precision bf16: this GPU does not support bfloat16")
+    def _model_fn(self):
+        """The training model's forward, autocast to bfloat16 with --precision bf16, returning float32."""
+        bf16 = self.args.precision == "bf16"
+        device = self.device
+        if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("--precision bf16: this GPU does not support bfloat16")
+        train_model = self.train_model
 
-    def model_fn(x, t, **kwargs):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = train_model(x, t, **kwargs)
-        return out.float()
+        def model_fn(x, t, **kwargs):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = train_model(x, t, **kwargs)
+            return out.float()
+        return model_fn
 
-    train_model.train()
-    ema.eval()
-    summary: Dict[str, Any] = {"results_dir": str(results_dir), "start_step": step, "last_checkpoint": None,
-                               "metrics": None}
-    last_ckpt: Optional[Path] = Path(args.resume) if resume is not None else None
+    # ---- the loop
 
-    def save(step_now: int, epoch_now: int) -> Path:
-        rngs = dist_utils.all_gather_object(ckpt_state.rng_state(device), ctx)
-        path = ckpt_state.checkpoint_path(results_dir, step_now)
+    def _logs_at(self, step: int) -> bool:
+        return step % self.args.log_every == 0 or step == self.limit
+
+    def _saves_at(self, step: int) -> bool:
+        return step % self.args.ckpt_every == 0 or step == self.limit
+
+    def _loop(self, model_fn) -> None:
+        args, logger, spe = self.args, self.logger, self.spe
+        self.bar = None
+        if self.use_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.limit, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        logger.info(f"Training for {self.limit - self.step:,} steps (to step {self.limit:,}) ...")
+        self.window = _Window(self.device, self.step)
+        self.t_start = time.time()
+        epoch = self.step // spe
+        start_batch = self.step % spe
+        self.metrics_file = open(self.metrics_path, "a") if self.ctx.is_main else None
+        try:
+            while self.step < self.limit:
+                self.sampler.set_epoch(epoch, start_batch)
+                if start_batch == 0 and spe >= args.log_every:  # (short epochs would drown the loss lines)
+                    logger.info(f"Beginning epoch {epoch}...")
+                for batch in _batches(self.loader, lambda: self.step):
+                    self._step(batch, model_fn)
+                    if self.bar is not None:
+                        self.bar.update(1)
+                    if self._logs_at(self.step):
+                        self._log(epoch)
+                    if self._saves_at(self.step):
+                        self.last_ckpt = self._save()
+                    if self.step >= self.limit:
+                        break
+                epoch += 1
+                start_batch = 0
+        except TrainingError as e:
+            for h in logger.handlers:  # the console gets it once, from main()
+                if isinstance(h, logging.FileHandler):
+                    h.emit(logging.LogRecord(LOGGER_NAME, logging.ERROR, __file__, 0, f"error: {e}", None, None))
+            raise
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            if self.metrics_file is not None:
+                self.metrics_file.close()
+
+    def _step(self, batch, model_fn) -> None:
+        """One optimizer step and EMA update. Before the update of a step that ends at a sync point (a
+        log or checkpoint step), a non-finite loss seen since the last one stops training."""
+        args, device = self.args, self.device
+        x, y = batch[0], batch[1]
+        if len(batch) > 2:  # ImageFolder with --skip-bad-images: the files it could not read
+            self.skipped += [p for item in batch[2] if item for p in item.split(os.pathsep)]
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if self.data.vae is not None:
+            from .vae import encode
+
+            x = encode(self.data.vae, x, self.data.scale)
+        if args.num_classes == 1:
+            y = torch.zeros_like(y)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=device)
+        loss_dict = self.diffusion.training_losses(model_fn, x, t, dict(y=y))
+        loss = loss_dict["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        stats = torch.stack([loss.detach(),
+                             loss_dict["mse"].detach().mean() if "mse" in loss_dict else loss.detach(),
+                             loss_dict["vb"].detach().mean() if "vb" in loss_dict else torch.zeros_like(loss)
+                             ]).double()
+        self.window.add(stats, self.ctx)
+        if self._logs_at(self.step + 1) or self._saves_at(self.step + 1):
+            self._check_finite()
+        self.opt.step()
+        update_ema(self.ema, self.model, decay=args.ema_decay)
+        self.step += 1
+
+    def _check_finite(self) -> None:
+        """The sync point's check, before this step's update: a non-finite loss stops training."""
+        bad_step = int(self.window.first_bad)
+        if bad_step < 0:
+            return
+        step = self.step + 1
+        where = f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
+        stop = ("before the update" if bad_step == step else
+                f"at step {step} (losses are read at log and checkpoint steps), saving no weights updated since")
+        raise TrainingError(f"loss is {float(self.window.bad_loss)} at step {bad_step} (epoch "
+                            f"{(bad_step - 1) // self.spe}); training stopped {stop} ({where})")
+
+    def _log(self, epoch: int) -> None:
+        """The window's averages to metrics.jsonl and the log (or the progress bar); then a new window."""
+        args, ctx, device, w, step = self.args, self.ctx, self.device, self.window, self.step
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.time()
+        sps = w.steps / max(now - w.start, 1e-9)
+        avg = (w.sum / w.steps).tolist()
+        record = {"step": step, "epoch": epoch, "loss": avg[0], "mse": avg[1], "vb": avg[2],
+                  "steps_per_sec": sps, "img_per_sec": sps * args.global_batch_size,
+                  "lr": self.opt.param_groups[0]["lr"], "elapsed_sec": now - self.t_start}
+        if ctx.distributed:
+            per_rank = dist_utils.all_gather(w.local_sum, ctx).flatten() / w.steps
+            record["loss_per_rank"] = [float(v) for v in per_rank.cpu()]
+        if device.type == "cuda":
+            record["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        if self.skipped:
+            record["skipped_images"] = len(self.skipped)
+        if ctx.is_main:
+            if len(self.skipped) > self.skipped_logged:
+                self.logger.warning(f"warning: skipped {len(self.skipped)} unreadable image(s) so far (replaced "
+                                    f"by the next readable one; latest: {self.skipped[-1]})")
+                self.skipped_logged = len(self.skipped)
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{avg[0]:.4f}", img_s=f"{record['img_per_sec']:.1f}")
+            else:
+                self.logger.info(f"(step={step:07d}) Train Loss: {avg[0]:.4f}, "
+                                 f"Train Steps/Sec: {sps:.2f}, Img/Sec: {record['img_per_sec']:.1f}")
+        self.summary["metrics"] = record
+        w.reset()
+
+    def _save(self) -> Path:
+        """A checkpoint of this step (rank 0 writes it atomically, then prunes to --keep-last)."""
+        ctx, step = self.ctx, self.step
+        rngs = dist_utils.all_gather_object(ckpt_state.rng_state(self.device), ctx)
+        path = ckpt_state.checkpoint_path(self.results_dir, step)
         if ctx.is_main:
             checkpoint = {
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "args": _plain_args(args),
-                "config": dict(config),
-                "step": step_now,
-                "epoch": epoch_now,
-                "steps_per_epoch": spe,
-                "dataset_len": len(data.dataset),
+                "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "opt": self.opt.state_dict(),
+                "args": ckpt_state.plain_args(self.args),
+                "config": dict(self.config),
+                "step": step,
+                "epoch": step // self.spe,
+                "steps_per_epoch": self.spe,
+                "dataset_len": len(self.data.dataset),
                 "world_size": ctx.world_size,
                 "rng": rngs,
                 "format": ckpt_state.FORMAT,
@@ -451,145 +559,13 @@ def _run(args, ctx: dist_utils.DistContext, dataset, resume: Optional[dict], not
             try:
                 ckpt_state.atomic_save(checkpoint, path)
             except OSError as e:
-                where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
-                raise TrainingError(f"{e}; training stopped at step {step_now} ({where})") from None
-            for old in ckpt_state.prune(ckpt_dir, args.keep_last):
-                logger.info(f"Removed old checkpoint {old.name}")
-            logger.info(f"Saved checkpoint to {path}")
+                where = f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
+                raise TrainingError(f"{e}; training stopped at step {step} ({where})") from None
+            for old in ckpt_state.prune(self.ckpt_dir, self.args.keep_last):
+                self.logger.info(f"Removed old checkpoint {old.name}")
+            self.logger.info(f"Saved checkpoint to {path}")
         dist_utils.barrier(ctx)
         return path
-
-    if step >= limit:
-        logger.info(f"Nothing to do: step {step} >= the limit {limit} (--max-steps / --epochs)")
-        summary.update(step=step, epoch=step // spe, last_checkpoint=str(last_ckpt) if last_ckpt else None)
-        return summary
-
-    bar = None
-    if use_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=limit, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    logger.info(f"Training for {limit - step:,} steps (to step {limit:,}) ...")
-    # device-side accumulators: loss / mse / vb summed over the window, this rank's loss, and the step
-    # (with its loss) of the first non-finite loss since the last sync point (-1: none)
-    window_sum = torch.zeros(3, dtype=torch.float64, device=device)
-    local_sum = torch.zeros(1, dtype=torch.float64, device=device)
-    step_t = torch.full((), step, dtype=torch.long, device=device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    bad_loss = torch.zeros((), dtype=torch.float64, device=device)
-    window_steps = 0
-    skipped: list = []          # unreadable images replaced so far (--skip-bad-images)
-    skipped_logged = 0
-    t_start = time.time()
-    window_start = time.time()
-    epoch = step // spe
-    start_batch = step % spe
-    metrics_file = open(metrics_path, "a") if ctx.is_main else None
-    try:
-        while step < limit:
-            sampler.set_epoch(epoch, start_batch)
-            if start_batch == 0 and spe >= args.log_every:  # (short epochs would drown the loss lines)
-                logger.info(f"Beginning epoch {epoch}...")
-            for batch in _batches(loader, lambda: step):
-                x, y = batch[0], batch[1]
-                if len(batch) > 2:  # ImageFolder with --skip-bad-images: the files it could not read
-                    skipped += [p for item in batch[2] if item for p in item.split(os.pathsep)]
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                if data.vae is not None:
-                    from .vae import encode
-
-                    x = encode(data.vae, x, data.scale)
-                if args.num_classes == 1:
-                    y = torch.zeros_like(y)
-                t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-                loss_dict = diffusion.training_losses(model_fn, x, t, dict(y=y))
-                loss = loss_dict["loss"].mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                stats = torch.stack([loss.detach(),
-                                     loss_dict["mse"].detach().mean() if "mse" in loss_dict else loss.detach(),
-                                     loss_dict["vb"].detach().mean() if "vb" in loss_dict else torch.zeros_like(loss)
-                                     ]).double()
-                local_sum += stats[0]
-                dist_utils.all_reduce_mean(stats, ctx)
-                window_sum += stats
-                step_t += 1
-                new_bad = (first_bad < 0) & ~torch.isfinite(stats[0])
-                first_bad = torch.where(new_bad, step_t, first_bad)
-                bad_loss = torch.where(new_bad, stats[0], bad_loss)
-                window_steps += 1
-                if (step + 1) % args.log_every == 0 or (step + 1) % args.ckpt_every == 0 or step + 1 == limit:
-                    bad_step = int(first_bad)  # the sync point: before this step's update
-                    if bad_step >= 0:
-                        where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                        stop = ("before the update" if bad_step == step + 1 else
-                                f"at step {step + 1} (losses are read at log and checkpoint steps), saving no "
-                                f"weights updated since")
-                        raise TrainingError(f"loss is {float(bad_loss)} at step {bad_step} (epoch "
-                                            f"{(bad_step - 1) // spe}); training stopped {stop} ({where})")
-                opt.step()
-                update_ema(ema, model, decay=args.ema_decay)
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-
-                if step % args.log_every == 0 or step == limit:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    now = time.time()
-                    sps = window_steps / max(now - window_start, 1e-9)
-                    avg = (window_sum / window_steps).tolist()
-                    record = {"step": step, "epoch": epoch, "loss": avg[0], "mse": avg[1], "vb": avg[2],
-                              "steps_per_sec": sps, "img_per_sec": sps * args.global_batch_size,
-                              "lr": opt.param_groups[0]["lr"], "elapsed_sec": now - t_start}
-                    if ctx.distributed:
-                        per_rank = dist_utils.all_gather(local_sum, ctx).flatten() / window_steps
-                        record["loss_per_rank"] = [float(v) for v in per_rank.cpu()]
-                    if device.type == "cuda":  # untested here (no GPU)
-                        record["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                    if skipped:
-                        record["skipped_images"] = len(skipped)
-                    if ctx.is_main:
-                        if len(skipped) > skipped_logged:
-                            logger.warning(f"warning: skipped {len(skipped)} unreadable image(s) so far (replaced "
-                                           f"by the next readable one; latest: {skipped[-1]})")
-                            skipped_logged = len(skipped)
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{avg[0]:.4f}", img_s=f"{record['img_per_sec']:.1f}")
-                        else:
-                            logger.info(f"(step={step:07d}) Train Loss: {avg[0]:.4f}, "
-                                        f"Train Steps/Sec: {sps:.2f}, Img/Sec: {record['img_per_sec']:.1f}")
-                    summary["metrics"] = record
-                    window_sum.zero_()
-                    local_sum.zero_()
-                    window_steps = 0
-                    window_start = time.time()
-
-                if step % args.ckpt_every == 0 or step == limit:
-                    last_ckpt = save(step, step // spe)
-                if step >= limit:
-                    break
-            epoch += 1
-            start_batch = 0
-    except TrainingError as e:
-        for h in logger.handlers:  # the console gets it once, from main()
-            if isinstance(h, logging.FileHandler):
-                h.emit(logging.LogRecord(LOGGER_NAME, logging.ERROR, __file__, 0, f"error: {e}", None, None))
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-
-    model.eval()
-    logger.info(f"Done! step {step}, {time.time() - t_start:.1f}s")
-    summary.update(step=step, epoch=step // spe, last_checkpoint=str(last_ckpt) if last_ckpt else None)
-    return summary
 
 
 # --------------------------------------------------------------------------- CLI
