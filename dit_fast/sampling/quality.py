@@ -139,7 +139,8 @@ def evaluate(ckpt: str, configs: Sequence[str], num_samples: int = 500, batch_si
 
 
 def _evaluate(model, clf, configs, num_samples, batch_size, cfg_scale, seed, ckpt, t0, log) -> Dict[str, Any]:
-    from ..eval.digits import evaluate_samples, load_digits_images, real_feature_stats, to_uint8
+    from ..data import load_digits_images
+    from ..eval.digits import evaluate_samples, real_feature_stats, to_uint8
 
     size = model.input_size
     real_stats = real_feature_stats(clf)

@@ -317,7 +317,11 @@ class _Run:
             enable_grad_checkpointing(model)
         model.to(device)
         self.ema.to(device)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        # fused: one kernel for all parameters (CPU and CUDA; the same AdamW update; on CPU 5.9x
+        # faster than the default per-parameter loop for DiT-S/2, bench/cpu_train_profile.py)
+        fused = device.type in ("cpu", "cuda")
+        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                     fused=fused or None)
         if self.resume is not None:
             self._load_weights()
         else:
