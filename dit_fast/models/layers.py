@@ -2,13 +2,11 @@
 # as timm's (timm is not needed), TimestepEmbedder and LabelEmbedder as the official models.py.
 # Their forward passes run dit_fast's fused ops (dit_fast.ops).
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import attention_qkv, linear_gelu, timestep_embedding
+from ..ops import attention_qkv, linear_gelu, timestep_embedding, timestep_embedding_ref
 from ..ops.linear import linear
 
 
@@ -113,16 +111,9 @@ class TimestepEmbedder(nn.Module):
         :param max_period: controls the minimum frequency of the embeddings.
         :return: an (N, D) Tensor of positional embeddings (float32).
         """
-        # https://github.com/openai/glide-text2im/blob/main/glide_text2im/nn.py
-        half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=t.device) / half
-        )
-        args = t[:, None].float() * freqs[None]
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-        return embedding
+        # https://github.com/openai/glide-text2im/blob/main/glide_text2im/nn.py (the official code,
+        # which is also the fused op's reference)
+        return timestep_embedding_ref(t, dim, max_period)
 
     def forward(self, t):
         dtype = self.mlp[0].weight.dtype
