@@ -16,13 +16,11 @@ from .. import _backends, nvtx
 from ..ops import patch_embed
 from ..ops import unpatchify as unpatchify_tokens
 from ..ops.adaln import adaln_projections, share_adaln_storage
-from .blocks import (BLOCK_TYPES, BLOCKS, AdaLNBlock, BlockOutput, CrossAttentionBlock, DiTBlock,
-                     FinalLayer, InContextBlock)
-from .layers import Attention, CrossAttention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder
-
-__all__ = ["BLOCK_TYPES", "DiT", "DiT_configs", "DiT_models", "modulate", "get_2d_sincos_pos_embed",
-           "PatchEmbed", "Attention", "CrossAttention", "Mlp", "TimestepEmbedder", "LabelEmbedder",
-           "BlockOutput", "DiTBlock", "AdaLNBlock", "CrossAttentionBlock", "InContextBlock", "FinalLayer"]
+from .blocks import BLOCK_TYPES, BLOCKS, FinalLayer
+from .layers import LabelEmbedder, PatchEmbed, TimestepEmbedder
+# Re-exported: users import every layer from here, as from the official models.py.
+from .blocks import AdaLNBlock, BlockOutput, CrossAttentionBlock, DiTBlock, InContextBlock  # noqa: F401
+from .layers import Attention, CrossAttention, Mlp  # noqa: F401
 
 _ADALN = ("adaLN-Zero", "adaLN")  # the blocks conditioned through adaLN_modulation(c)
 
