@@ -1,10 +1,14 @@
 """The drop-in DiT model against the official release (golden_A) and the paper's four blocks."""
+import pickle
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dit_fast
 from dit_fast import BLOCK_TYPES, DiT, DiT_models
 from dit_fast.models import DiT_configs
+from dit_fast.models.dit import AdaLNBlock, BlockOutput, DiTBlock, modulate
 
 # The golden comparisons run on the pure-PyTorch reference and on the default (fused) path.
 BACKENDS = ["reference", "auto"]
@@ -41,6 +45,24 @@ def _inputs(n=3, cfg=TINY, seed=0):
 def test_names():
     assert sorted(DiT_models) == sorted(f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8))
     assert sorted(DiT_configs) == sorted(DiT_models)
+
+
+# (depth, hidden_size, num_heads) of the official models.py factories
+OFFICIAL_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+
+
+def test_factories_come_from_the_config_table():
+    from dit_fast.models import dit
+    for name, factory in DiT_models.items():
+        size, patch = name[len("DiT-"):].split("/")
+        depth, hidden, heads = OFFICIAL_SIZES[size]
+        assert DiT_configs[name] == dict(depth=depth, hidden_size=hidden, patch_size=int(patch), num_heads=heads)
+        assert factory.__name__ == f"DiT_{size}_{patch}" and getattr(dit, factory.__name__) is factory
+        with torch.device("meta"):
+            model = factory(input_size=8, num_classes=10)
+        assert {k: model.config[k] for k in DiT_configs[name]} == DiT_configs[name]
+        assert model.config["num_classes"] == 10
+    assert pickle.loads(pickle.dumps(dit.DiT_XL_2)) is dit.DiT_XL_2
 
 
 def test_state_dict_keys_match_every_official_configuration(golden):
@@ -185,7 +207,7 @@ def test_in_context_removes_condition_tokens():
     model = _perturbed(DiT(**TINY, block="in-context"))
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.05)
     seen = []
-    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.x.shape))
     x, t, y = _inputs()
     out = model(x, t, y)
     assert seen[0][1] == (TINY["input_size"] // TINY["patch_size"]) ** 2 + 2
@@ -199,8 +221,64 @@ def test_adaln_zero_is_identity_at_init():
     c = torch.randn(2, TINY["hidden_size"])
     zero = DiT(**TINY, block="adaLN-Zero").blocks[0]
     plain = DiT(**TINY, block="adaLN").blocks[0]
-    torch.testing.assert_close(zero(x, c), x)
-    assert not torch.allclose(plain(x, c), x)
+    torch.testing.assert_close(zero(x, c).x, x)
+    assert not torch.allclose(plain(x, c).x, x)
+
+
+# ---------------------------------------------------------------- the fused pieces (public API)
+
+@pytest.mark.parametrize("block", BLOCK_TYPES)
+def test_fused_pieces_compose_to_forward(block):
+    model = _perturbed(DiT(**dict(TINY, depth=3), block=block)).eval()
+    x, t, y = _inputs()
+    D, T = TINY["hidden_size"], (TINY["input_size"] // TINY["patch_size"]) ** 2
+    with torch.no_grad():
+        t = model.check_inputs(x, t, y)
+        tokens, c, T_out = model.embed(x, t, y)
+        mods = model.block_modulations(c)
+        a, h_mid = model.run_blocks(tokens, c, mods, 0, 1)
+        b, h = model.run_blocks(a, c, mods, 1, 3)
+        out = model.head(b, c, T_out, mods, h)
+        full = model(x, t, y)
+    assert T_out == T and tokens.shape == (3, T + 2 if block == "in-context" else T, D)
+    assert c is None if block == "in-context" else c.shape == ((3, 2, D) if block == "cross-attention" else (3, D))
+    adaln = block in ("adaLN-Zero", "adaLN")
+    assert (mods is not None) == adaln
+    if adaln:
+        k = 6 if block == "adaLN-Zero" else 4
+        assert [m.shape for m in mods] == [(3, k * D)] * 3 + [(3, 2 * D)]
+    assert h_mid is None and (h is not None) == adaln   # a range fuses the final norm only at the end
+    assert out.shape == (3, 8, 8, 8)
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", BLOCK_TYPES)
+def test_every_block_returns_block_output(block):
+    model = _perturbed(DiT(**TINY, block=block)).eval()
+    x, t, y = _inputs()
+    with torch.no_grad():
+        tokens, c, _ = model.embed(x, model.check_inputs(x, t, y), y)
+        out = model.blocks[0](tokens, c)
+        assert isinstance(out, BlockOutput) and out.h is None and out.x.shape == tokens.shape
+        mods = model.block_modulations(c)
+        if mods is None:
+            return
+        # asked to fuse the next LayerNorm-modulate, the block returns it as h
+        D = tokens.shape[-1]
+        shift, scale = mods[1][:, :2 * D].chunk(2, dim=1)
+        fused = model.blocks[0](tokens, c, mod=mods[0], next_norm=(shift, scale, 1e-6))
+    assert isinstance(fused, BlockOutput)
+    torch.testing.assert_close(fused.x, out.x, rtol=1e-5, atol=1e-5)
+    expected = modulate(F.layer_norm(fused.x, (D,), eps=1e-6), shift, scale)
+    torch.testing.assert_close(fused.h, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adaln_block_is_the_dit_block_without_gates():
+    zero, plain = DiTBlock(64, 4), AdaLNBlock(64, 4)
+    assert isinstance(plain, DiTBlock) and zero.gated and not plain.gated
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {
+        k: (v.shape if "adaLN" not in k else (4 * 64,) + tuple(v.shape[1:]))
+        for k, v in zero.state_dict().items()}
 
 
 # ---------------------------------------------------------------- bad input

@@ -1,55 +1,28 @@
-# Drop-in reimplementation of the official DiT model (facebookresearch/DiT, models.py):
-# same constructor arguments, same state_dict keys and shapes, same outputs.
+# DiT (facebookresearch/DiT, models.py) on dit_fast's fused ops: same constructor arguments,
+# state_dict keys and outputs (bit-identical to the official model in float32 under
+# dit_fast.use_backend("reference")). Layers: layers.py; blocks and final layer: blocks.py.
 # References:
 # GLIDE: https://github.com/openai/glide-text2im
 # MAE: https://github.com/facebookresearch/mae/blob/main/models_mae.py
-#
-# Beyond the official release:
-# - `block=` selects one of the paper's four conditioning blocks (section 3.2):
-#   "adaLN-Zero" (default, the official layout), "adaLN", "cross-attention", "in-context".
-# - `forward_with_cfg(..., guide_channels="all")` guides every latent channel; the default (3)
-#   reproduces the official code, which guides the first three channels only.
-# - Inputs are validated (ValueError naming the argument); the model runs in bfloat16.
-# - timm is not needed: PatchEmbed, Attention and Mlp are written here with timm's parameter names.
-# - The forward pass runs dit_fast's fused ops (dit_fast.ops; each picks a backend: cuda, triton, cpu
-#   or reference, see dit_fast._backends), with the same parameters and state_dict keys:
-#     patch_embed      PatchEmbed's conv + pos_embed as one GEMM with a fused epilogue
-#     timestep_embedding + adaln_projections
-#                      the sinusoidal embedding in one kernel; the adaLN projections of ALL blocks
-#                      and of the final layer as ONE GEMM (they all read the same c) over their
-#                      weights, which are views into one stacked buffer
-#     ln_modulate      modulate(norm1(x), shift, scale) in one pass
-#     attention_qkv    attention straight from the qkv Linear's output
-#     gated_residual_ln_modulate
-#                      x + gate * y fused with the LayerNorm-modulate that follows it: the
-#                      attention residual with the MLP's, and a block's last residual with the next
-#                      block's (or the final layer's) input norm
-#     linear_gelu      fc1 with the bias + GELU(tanh) as the GEMM's epilogue
-#     unpatchify       the einsum as one gather
-#     linear           qkv / proj / fc2 / final Linear in CPU float32 / bf16 inference: the
-#                      fastest GEMM measured for the CPU (oneDNN or dit_fast's packed GEMM, bias and
-#                      fc1's GELU in the epilogue) instead of torch's BLAS; also under torch.compile
-#   Under dit_fast.use_backend("reference") every op runs the official PyTorch expressions and
-#   the adaLN projections run one Linear per layer, so the output is bit-identical to the official
-#   model's in float32 (tests/test_model.py, tests/test_diffusion.py).
-# - NVTX ranges around the blocks and ops when profiling (dit_fast.nvtx, DIT_FAST_NVTX=1).
 
 import math
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import _backends, nvtx
-from ..ops import (attention_qkv, gated_residual, gated_residual_ln_modulate, linear_gelu,
-                   ln_modulate, patch_embed, timestep_embedding)
+from ..ops import patch_embed
 from ..ops import unpatchify as unpatchify_tokens
 from ..ops.adaln import adaln_projections, share_adaln_storage
-from ..ops.linear import linear
+from .blocks import BLOCK_TYPES, BLOCKS, FinalLayer
+from .layers import LabelEmbedder, PatchEmbed, TimestepEmbedder
+# Re-exported: users import every layer from here, as from the official models.py.
+from .blocks import AdaLNBlock, BlockOutput, CrossAttentionBlock, DiTBlock, InContextBlock  # noqa: F401
+from .layers import Attention, CrossAttention, Mlp  # noqa: F401
 
-BLOCK_TYPES = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")
+_ADALN = ("adaLN-Zero", "adaLN")  # the blocks conditioned through adaLN_modulation(c)
 
 
 def modulate(x, shift, scale):
@@ -66,325 +39,33 @@ def _is_tracing() -> bool:
 
 
 #################################################################################
-#                   Layers with timm's parameter names                          #
-#################################################################################
-
-class PatchEmbed(nn.Module):
-    """2D image to patch embedding: (N, C, H, W) -> (N, T, D). Keys: proj.weight, proj.bias."""
-
-    def __init__(self, img_size, patch_size, in_chans, embed_dim, bias=True):
-        super().__init__()
-        self.img_size = (img_size, img_size)
-        self.patch_size = (patch_size, patch_size)
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
-
-    def forward(self, x):
-        x = self.proj(x)                                # (N, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)             # (N, T, D)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention. Keys: qkv.weight, qkv.bias, proj.weight, proj.bias."""
-
-    def __init__(self, dim, num_heads=8, qkv_bias=True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        qkv = linear(self.qkv, x)                        # (N, T, 3D), packed (3, H, Dh) per token
-        x = attention_qkv(qkv, self.num_heads)           # (N, T, D), q/k/v read in place
-        return linear(self.proj, x)                      # (N, T, D)
-
-
-class CrossAttention(nn.Module):
-    """Multi-head cross-attention from image tokens to a conditioning sequence.
-    Keys: q.weight, q.bias, kv.weight, kv.bias, proj.weight, proj.bias."""
-
-    def __init__(self, dim, num_heads=8):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, dim * 2)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, cond):
-        N, T, D = x.shape
-        S = cond.shape[1]
-        q = self.q(x).reshape(N, T, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, T, Dh)
-        kv = self.kv(cond).reshape(N, S, 2, self.num_heads, self.head_dim)        # (N, S, 2, H, Dh)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)                                 # 2 x (N, H, S, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)                                # (N, H, T, Dh)
-        x = x.transpose(1, 2).reshape(N, T, D)                                     # (N, T, D)
-        return self.proj(x)                                                        # (N, T, D)
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2. Keys: fc1.weight, fc1.bias, fc2.weight, fc2.bias.
-    fc1's bias and the GELU (`act`) run as the fc1 GEMM's epilogue (ops.linear_gelu)."""
-
-    def __init__(self, in_features, hidden_features):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_features, in_features)
-
-    def forward(self, x):
-        h = linear_gelu(x, self.fc1.weight, self.fc1.bias)  # (N, T, M) = act(fc1(x))
-        return linear(self.fc2, h)                          # (N, T, D)
-
-
-#################################################################################
-#               Embedding Layers for Timesteps and Class Labels                 #
-#################################################################################
-
-class TimestepEmbedder(nn.Module):
-    """
-    Embeds scalar timesteps into vector representations.
-    """
-    def __init__(self, hidden_size, frequency_embedding_size=256):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
-        self.frequency_embedding_size = frequency_embedding_size
-
-    @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
-        """
-        Create sinusoidal timestep embeddings.
-        :param t: a 1-D Tensor of N indices, one per batch element.
-                          These may be fractional.
-        :param dim: the dimension of the output.
-        :param max_period: controls the minimum frequency of the embeddings.
-        :return: an (N, D) Tensor of positional embeddings (float32).
-        """
-        # https://github.com/openai/glide-text2im/blob/main/glide_text2im/nn.py
-        half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=t.device) / half
-        )
-        args = t[:, None].float() * freqs[None]
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-        return embedding
-
-    def forward(self, t):
-        dtype = self.mlp[0].weight.dtype
-        if self.timestep_embedding is not _OFFICIAL_TIMESTEP_EMBEDDING:     # overridden (subclass / patch)
-            t_freq = self.timestep_embedding(t, self.frequency_embedding_size).to(dtype)  # (N, 256)
-            return self.mlp(t_freq)                                         # (N, D)
-        if t.dtype not in (torch.float32, torch.float64, torch.int32, torch.int64):
-            t = t.float()                                                   # as timestep_embedding does
-        # = self.timestep_embedding(t, 256).to(model dtype), in one kernel (float32 math)
-        t_freq = timestep_embedding(t.contiguous(), self.frequency_embedding_size, dtype=dtype)  # (N, 256)
-        return self.mlp(t_freq)                                             # (N, D)
-
-
-_OFFICIAL_TIMESTEP_EMBEDDING = TimestepEmbedder.timestep_embedding
-
-
-class LabelEmbedder(nn.Module):
-    """
-    Embeds class labels into vector representations. Also handles label dropout for classifier-free guidance.
-    """
-    def __init__(self, num_classes, hidden_size, dropout_prob):
-        super().__init__()
-        use_cfg_embedding = dropout_prob > 0
-        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-
-    def token_drop(self, labels, force_drop_ids=None):
-        """
-        Drops labels to enable classifier-free guidance.
-        """
-        if force_drop_ids is None:
-            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop_ids = force_drop_ids == 1
-        labels = torch.where(drop_ids, self.num_classes, labels)
-        return labels
-
-    def forward(self, labels, train, force_drop_ids=None):
-        use_dropout = self.dropout_prob > 0
-        if (train and use_dropout) or (force_drop_ids is not None):
-            labels = self.token_drop(labels, force_drop_ids)
-        embeddings = self.embedding_table(labels)
-        return embeddings
-
-
-#################################################################################
 #                                 Core DiT Model                                #
 #################################################################################
-
-_FUSED_BLOCK_ARGS = """
-    `block(x, c)` is the official block. DiT.forward passes more, to fuse across sub-layers:
-      mod:       this block's adaLN_modulation(c) (N, kD): a view of the one GEMM for all blocks;
-      h:         modulate(norm1(x), shift_msa, scale_msa), if the previous block already computed it
-                 (fused with its last residual update);
-      next_norm: (shift, scale, eps) of the LayerNorm-modulate that follows this block (the next
-                 block's norm1 or the final layer's): the last residual update is fused with it and
-                 the block returns (x, modulate(norm(x), shift, scale)) instead of x.
-    """
-
-
-class DiTBlock(nn.Module):
-    __doc__ = """
-    A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning.
-    """ + _FUSED_BLOCK_ARGS
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(),
-            nn.Linear(hidden_size, 6 * hidden_size, bias=True)
-        )
-
-    def forward(self, x, c, mod=None, h=None, next_norm=None):
-        if mod is None:
-            mod = self.adaLN_modulation(c)                                           # (N, 6D)
-        # .to(x.dtype): under autocast the (N, 6D) modulation is bf16 while the residual stream is fp32
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.to(x.dtype).chunk(6, dim=1)
-        if h is None:
-            h = ln_modulate(x, shift_msa, scale_msa, self.norm1.eps)                 # (N, T, D) modulate(norm1(x))
-        with nvtx.range("attn"):
-            a = self.attn(h).to(x.dtype)                                             # (N, T, D)
-        # x = x + gate_msa * a, and the MLP's input modulate(norm2(x)) in the same pass
-        x, h = gated_residual_ln_modulate(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps)  # (N, T, D) x2
-        with nvtx.range("mlp"):
-            m = self.mlp(h).to(x.dtype)                                              # (N, T, D)
-        if next_norm is None:
-            return gated_residual(x, m, gate_mlp)                                    # (N, T, D) x + gate_mlp * m
-        return gated_residual_ln_modulate(x, m, gate_mlp, *next_norm)                # (N, T, D) x2: x, next norm
-
-
-class AdaLNBlock(nn.Module):
-    __doc__ = """
-    adaLN block (paper section 3.2): LayerNorm scale and shift regressed from c, no residual gates.
-    Extra parameters: adaLN_modulation.1 (D -> 4D), 4·D² + 4·D per block.
-    The residual updates run as the gated ops with gate = 1 (x + 1 * y == x + y exactly).
-    """ + _FUSED_BLOCK_ARGS
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(),
-            nn.Linear(hidden_size, 4 * hidden_size, bias=True)
-        )
-
-    def forward(self, x, c, mod=None, h=None, next_norm=None):
-        if mod is None:
-            mod = self.adaLN_modulation(c)                                           # (N, 4D)
-        shift_msa, scale_msa, shift_mlp, scale_mlp = mod.to(x.dtype).chunk(4, dim=1)
-        one = x.new_ones(1, x.shape[-1]).expand(x.shape[0], -1)                     # (N, D) gate = 1
-        if h is None:
-            h = ln_modulate(x, shift_msa, scale_msa, self.norm1.eps)                 # (N, T, D) modulate(norm1(x))
-        with nvtx.range("attn"):
-            a = self.attn(h).to(x.dtype)                                             # (N, T, D)
-        x, h = gated_residual_ln_modulate(x, a, one, shift_mlp, scale_mlp, self.norm2.eps)  # (N, T, D) x2: x + a, norm2
-        with nvtx.range("mlp"):
-            m = self.mlp(h).to(x.dtype)                                              # (N, T, D)
-        if next_norm is None:
-            return gated_residual(x, m, one)                                         # (N, T, D) x + m
-        return gated_residual_ln_modulate(x, m, one, *next_norm)                     # (N, T, D) x2: x, next norm
-
-
-class CrossAttentionBlock(nn.Module):
-    """
-    Cross-attention block (paper section 3.2): a standard pre-LN ViT block with a multi-head
-    cross-attention layer after self-attention, attending to the length-two sequence [t, c].
-    Extra parameters: norm_cross (2·D) and cross_attn.{q, kv, proj} (4·D² + 4·D) per block.
-    """
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.cross_attn = CrossAttention(hidden_size, num_heads=num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-
-    def forward(self, x, cond):
-        x = x + self.attn(self.norm1(x))                          # (N, T, D)
-        x = x + self.cross_attn(self.norm_cross(x), cond)         # (N, T, D); cond: (N, 2, D)
-        x = x + self.mlp(self.norm2(x))                           # (N, T, D)
-        return x
-
-
-class InContextBlock(nn.Module):
-    """
-    In-context block (paper section 3.2): a standard pre-LN ViT block; t and c travel as two
-    extra tokens of the sequence. Extra parameters: the LayerNorm affines (4·D per block).
-    """
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-
-    def forward(self, x, c=None):
-        x = x + self.attn(self.norm1(x))  # (N, T + 2, D)
-        x = x + self.mlp(self.norm2(x))   # (N, T + 2, D)
-        return x
-
-
-_BLOCKS = {
-    "adaLN-Zero": DiTBlock,
-    "adaLN": AdaLNBlock,
-    "cross-attention": CrossAttentionBlock,
-    "in-context": InContextBlock,
-}
-
-
-class FinalLayer(nn.Module):
-    """
-    The final layer of DiT. With `adaptive=False` (cross-attention and in-context models) the
-    LayerNorm has a learned affine instead of the adaLN modulation.
-    """
-    def __init__(self, hidden_size, patch_size, out_channels, adaptive=True):
-        super().__init__()
-        self.adaptive = adaptive
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        if adaptive:
-            self.adaLN_modulation = nn.Sequential(
-                nn.SiLU(),
-                nn.Linear(hidden_size, 2 * hidden_size, bias=True)
-            )
-
-    def forward(self, x, c, mod=None, h=None):
-        """mod: adaLN_modulation(c) if already computed; h: modulate(norm_final(x), shift, scale) if
-        the last block already computed it (fused with its last residual update)."""
-        if h is None:
-            if self.adaptive:
-                if mod is None:
-                    mod = self.adaLN_modulation(c)                   # (N, 2D)
-                shift, scale = mod.to(x.dtype).chunk(2, dim=1)
-                h = ln_modulate(x, shift, scale, self.norm_final.eps)  # (N, T, D)
-            else:
-                h = self.norm_final(x)                               # (N, T, D)
-        return linear(self.linear, h)                                # (N, T, p*p*C_out)
-
 
 class DiT(nn.Module):
     """
     Diffusion model with a Transformer backbone.
+
+    Beyond the official constructor: `block` picks one of the paper's four conditioning blocks
+    (BLOCK_TYPES; "adaLN-Zero" is the official layout), inputs are validated (ValueError naming the
+    argument), and bfloat16 works.
+
+    Fused pieces (a public API). forward() is exactly the five calls below; feature caches
+    (dit_fast.sampling.StepCache, the forecasting cache) run them with a cache between block ranges.
+    N batch, T = (input_size / patch_size)**2 image tokens, T' = T (T + 2 for "in-context"), D hidden:
+
+        t = check_inputs(x, t, y)                    t: (N,) (a scalar t is broadcast)
+        x, c, T = embed(x, t, y)                     x: (N, T', D) tokens; c: (N, D) conditioning,
+                                                     (N, 2, D) cross-attention, None in-context
+        mods = block_modulations(c)                  adaLN: [adaLN_modulation(c) of each block (N, 6D)
+                                                     or (N, 4D), then of the final layer (N, 2D)]; else None
+        x, h = run_blocks(x, c, mods, start, stop)   blocks [start, stop): x (N, T', D); h (N, T, D), the
+                                                     final layer's input norm when stop == depth (adaLN), else None
+        out = head(x, c, T, mods, h)                 final layer + unpatchify: (N, out_channels, H, W)
+
+    Under the default backend the adaLN projections of all blocks and of the final layer run as one
+    GEMM, and each block's last residual update is fused with the next LayerNorm-modulate (see
+    DiTBlock); README "The fused forward pass" maps every fused op to the official expression.
     """
     def __init__(
         self,
@@ -423,36 +104,12 @@ class DiT(nn.Module):
         # Will use fixed sin-cos embedding:
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
 
-        block_cls = _BLOCKS[block]
         self.blocks = nn.ModuleList([
-            block_cls(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)
+            BLOCKS[block](hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)
         ])
-        adaptive = block in ("adaLN-Zero", "adaLN")
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive=adaptive)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive=block in _ADALN)
         self.initialize_weights()
-        # The adaLN projections of every block and of the final layer read the same c: one GEMM
-        # over their weights stacked in one buffer, of which each layer's weight and bias are views
-        # (same parameters and state_dict; nothing cached, so nothing can go stale).
         self._share_adaln_storage()
-
-    # .to() / .double() / .cuda() convert every parameter into its own storage, and deepcopy /
-    # unpickling clone each one: re-alias the adaLN weights right away (the forward would
-    # otherwise do it at its first call), so that an optimizer or DDP built next sees the layout
-    # it trains with.
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self._share_adaln_storage()
-        return self
-
-    def __setstate__(self, state):
-        state.pop("_adaln", None)  # the cached adaLN pack of models pickled by earlier versions
-        super().__setstate__(state)
-        self._share_adaln_storage()
-
-    def _share_adaln_storage(self):
-        linears = self._adaln_linears() if self.block in ("adaLN-Zero", "adaLN") else None
-        if linears is not None:
-            share_adaln_storage(linears)
 
     @classmethod
     def from_pretrained(cls, name_or_path, key="ema", **overrides):
@@ -515,94 +172,11 @@ class DiT(nn.Module):
         t: (N,) tensor of diffusion timesteps
         y: (N,) tensor of class labels
         """
-        t = self.check_inputs(x, t, y)
-        x, c, T = self.embed(x, t, y)           # (N, T', D) tokens (T' = T + 2 in-context), c
-        mods = self.block_modulations(c)        # [(N, 6D or 4D) per block, (N, 2D) final] or None
-        x, h = self.run_blocks(x, c, mods, 0, len(self.blocks))  # (N, T', D), final norm or None
-        return self.head(x, c, T, mods, h)      # (N, out_channels, H, W)
-
-    # The pieces of forward, a public API: feature caches (dit_fast.sampling.StepCache and the
-    # forecasting cache) run them with a cache between block ranges. forward() is exactly
-    #   t = check_inputs(x, t, y); x, c, T = embed(x, t, y); mods = block_modulations(c)
-    #   x, h = run_blocks(x, c, mods, 0, depth); return head(x, c, T, mods, h)
-
-    def embed(self, x, t, y):
-        """Tokens (N, T, D) (+ the t and y tokens in-context), the conditioning c ((N, D); (N, 2, D)
-        for cross-attention; None in-context) and the number of image tokens T."""
-        with nvtx.range("dit.embed"):
-            w = self.x_embedder.proj.weight
-            if x.dtype != w.dtype and torch.is_autocast_enabled(x.device.type):
-                x = x.to(w.dtype)                # as the official conv under autocast: any input dtype
-            # x_embedder(x) + pos_embed as one GEMM + epilogue
-            x = patch_embed(x, self.x_embedder.proj.weight, self.x_embedder.proj.bias,
-                            self.pos_embed, self.patch_size)  # (N, T, D), where T = H * W / patch_size ** 2
-            t = self.t_embedder(t)               # (N, D)
-            y = self.y_embedder(y, self.training)  # (N, D)
-        T = x.shape[1]
-        if self.block == "in-context":
-            x = torch.cat([x, t.unsqueeze(1).to(x.dtype), y.unsqueeze(1).to(x.dtype)], dim=1)  # (N, T + 2, D)
-            return x, None, T
-        if self.block == "cross-attention":
-            return x, torch.stack([t, y], dim=1), T  # c: (N, 2, D)
-        return x, t + y, T                       # c: (N, D)
-
-    def block_modulations(self, c):
-        """adaLN blocks: [adaLN_modulation(c) of each block, then of the final layer], as one GEMM
-        for all of them (ops.adaln_projections over the layers as they are now), except under the
-        reference backend (eager), which runs the official per-layer Linear(SiLU(c)) so that the
-        model stays bit-identical to the official one, and for layers replaced by anything other
-        than a plain SiLU + Linear (e.g. a LoRA wrapper), which run as they are. Other blocks:
-        None."""
-        if self.block not in ("adaLN-Zero", "adaLN"):
-            return None
-        linears = self._adaln_linears()
-        if linears is None or (not torch.compiler.is_compiling()
-                               and _backends.requested_backend() == "reference"):
-            layers = [b.adaLN_modulation for b in self.blocks] + [self.final_layer.adaLN_modulation]
-            return [layer(c) for layer in layers]
-        return adaln_projections(c, linears)
-
-    def _adaln_linears(self):
-        """The Linear of every adaLN_modulation (blocks, then final layer), looked up now, or None
-        if one of them is not the official nn.Sequential(nn.SiLU(), nn.Linear) without hooks."""
-        linears = []
-        for seq in [b.adaLN_modulation for b in self.blocks] + [self.final_layer.adaLN_modulation]:
-            if not (type(seq) is nn.Sequential and len(seq) == 2 and type(seq[0]) is nn.SiLU
-                    and type(seq[1]) is nn.Linear):
-                return None
-            if any(m._forward_hooks or m._forward_pre_hooks for m in (seq, seq[0], seq[1])):
-                return None
-            linears.append(seq[1])
-        return linears
-
-    def run_blocks(self, x, c, mods, start, stop):
-        """Blocks [start, stop) -> (x, h). adaLN blocks fuse each block's last residual update with
-        the LayerNorm-modulate that follows it (the next block's norm1; after the last block of the
-        model, the final layer's norm_final: h); at `stop` < depth the range ends on a plain
-        residual (h = None). `mods`: block_modulations(c)."""
-        h, D, depth = None, x.shape[-1], len(self.blocks)
-        for i in range(start, stop):
-            block = self.blocks[i]
-            with nvtx.range("dit.block%d", i):
-                if mods is None:                 # cross-attention / in-context
-                    x = block(x) if c is None else block(x, c)  # (N, T', D)
-                elif i + 1 < stop or stop == depth:
-                    # the LayerNorm-modulate after this block (next block's norm1, or the final
-                    # layer's) is fused with the block's last residual update: its shift and scale
-                    # lead its mod
-                    nxt = self.blocks[i + 1].norm1 if i + 1 < depth else self.final_layer.norm_final
-                    shift, scale = mods[i + 1].to(x.dtype)[:, :2 * D].chunk(2, dim=1)  # (N, D) each
-                    x, h = block(x, c, mod=mods[i], h=h, next_norm=(shift, scale, nxt.eps))  # (N, T, D) x2
-                else:
-                    x, h = block(x, c, mod=mods[i], h=h), None  # (N, T, D)
-        return x, h
-
-    def head(self, x, c, T, mods, h=None):
-        """Final layer + unpatchify of the first T tokens; h: the fused final norm, if computed."""
-        with nvtx.range("dit.final"):
-            x = x[:, :T]                         # (N, T, D) (drops the in-context t, y tokens)
-            x = self.final_layer(x, c, mod=None if mods is None else mods[-1], h=h)  # (N, T, p*p*C_out)
-            return self.unpatchify(x)            # (N, out_channels, H, W)
+        t = self.check_inputs(x, t, y)                            # (N,)
+        x, c, T = self.embed(x, t, y)                             # (N, T', D), c, T
+        mods = self.block_modulations(c)                          # [(N, 6D or 4D) per block, (N, 2D)] or None
+        x, h = self.run_blocks(x, c, mods, 0, len(self.blocks))   # (N, T', D), (N, T', D) final norm or None
+        return self.head(x, c, T, mods, h)                        # (N, out_channels, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Union[int, str] = 3):
         """
@@ -632,6 +206,8 @@ class DiT(nn.Module):
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
+
+    # ---- the fused pieces of forward (public API, see the class docstring) -----------------------
 
     def check_inputs(self, x, t, y):
         """Validate forward() inputs; returns t as a (N,) tensor (a scalar t is broadcast)."""
@@ -674,10 +250,114 @@ class DiT(nn.Module):
                                  + f", got values in [{lo}, {hi}]")
         return t
 
+    def embed(self, x, t, y):
+        """Tokens (N, T, D) (+ the t and y tokens in-context), the conditioning c ((N, D); (N, 2, D)
+        for cross-attention; None in-context) and the number of image tokens T."""
+        with nvtx.range("dit.embed"):
+            w = self.x_embedder.proj.weight
+            if x.dtype != w.dtype and torch.is_autocast_enabled(x.device.type):
+                x = x.to(w.dtype)                # as the official conv under autocast: any input dtype
+            # x_embedder(x) + pos_embed as one GEMM + epilogue
+            x = patch_embed(x, self.x_embedder.proj.weight, self.x_embedder.proj.bias,
+                            self.pos_embed, self.patch_size)  # (N, T, D), where T = H * W / patch_size ** 2
+            t = self.t_embedder(t)               # (N, D)
+            y = self.y_embedder(y, self.training)  # (N, D)
+        T = x.shape[1]
+        if self.block == "in-context":
+            x = torch.cat([x, t.unsqueeze(1).to(x.dtype), y.unsqueeze(1).to(x.dtype)], dim=1)  # (N, T + 2, D)
+            return x, None, T
+        if self.block == "cross-attention":
+            return x, torch.stack([t, y], dim=1), T  # c: (N, 2, D)
+        return x, t + y, T                       # c: (N, D)
+
+    def block_modulations(self, c):
+        """adaLN blocks: [adaLN_modulation(c) of each block, then of the final layer], as one GEMM
+        for all of them (ops.adaln_projections over the layers as they are now), except under the
+        reference backend (eager), which runs the official per-layer Linear(SiLU(c)) so that the
+        model stays bit-identical to the official one, and for layers replaced by anything other
+        than a plain SiLU + Linear (e.g. a LoRA wrapper), which run as they are. Other blocks:
+        None."""
+        if self.block not in _ADALN:
+            return None
+        linears = self._adaln_linears()
+        if linears is None or (not torch.compiler.is_compiling()
+                               and _backends.requested_backend() == "reference"):
+            layers = [b.adaLN_modulation for b in self.blocks] + [self.final_layer.adaLN_modulation]
+            return [layer(c) for layer in layers]
+        return adaln_projections(c, linears)
+
+    def run_blocks(self, x, c, mods, start, stop):
+        """Blocks [start, stop) -> (x, h). adaLN blocks fuse each block's last residual update with
+        the LayerNorm-modulate that follows it (the next block's norm1; after the model's last block,
+        the final layer's norm_final, returned as h); a range ending before the last block ends on a
+        plain residual (h = None). `mods`: block_modulations(c)."""
+        h = None
+        for i in range(start, stop):
+            block = self.blocks[i]
+            with nvtx.range("dit.block%d", i):
+                if mods is None:                 # cross-attention / in-context: nothing to fuse
+                    x, h = block(x, c)                                                # (N, T', D), None
+                else:
+                    fuse = i + 1 < stop or stop == len(self.blocks)
+                    x, h = block(x, c, mod=mods[i], h=h,
+                                 next_norm=self._next_norm(mods, i, x) if fuse else None)  # (N, T, D) x2
+        return x, h
+
+    def _next_norm(self, mods, i, x):
+        """(shift, scale, eps) of the LayerNorm-modulate after block i: the next block's norm1 or the
+        final layer's norm_final. Their shift and scale lead the next layer's modulation."""
+        D = x.shape[-1]
+        norm = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else self.final_layer.norm_final
+        shift, scale = mods[i + 1].to(x.dtype)[:, :2 * D].chunk(2, dim=1)            # (N, D) each
+        return shift, scale, norm.eps
+
+    def head(self, x, c, T, mods, h=None):
+        """Final layer + unpatchify of the first T tokens; h: the fused final norm, if computed."""
+        with nvtx.range("dit.final"):
+            x = x[:, :T]                         # (N, T, D) (drops the in-context t, y tokens)
+            x = self.final_layer(x, c, mod=None if mods is None else mods[-1], h=h)  # (N, T, p*p*C_out)
+            return self.unpatchify(x)            # (N, out_channels, H, W)
+
+    # ---- adaLN weights as views of one stacked buffer ---------------------------------------------
+    # The adaLN projections of every block and of the final layer read the same c: one GEMM over
+    # their weights stacked in one buffer, of which each layer's weight and bias are views (same
+    # parameters and state_dict; nothing cached, so nothing can go stale).
+
+    def _share_adaln_storage(self):
+        linears = self._adaln_linears() if self.block in _ADALN else None
+        if linears is not None:
+            share_adaln_storage(linears)
+
+    def _adaln_linears(self):
+        """The Linear of every adaLN_modulation (blocks, then final layer), looked up now, or None
+        if one of them is not the official nn.Sequential(nn.SiLU(), nn.Linear) without hooks."""
+        linears = []
+        for seq in [b.adaLN_modulation for b in self.blocks] + [self.final_layer.adaLN_modulation]:
+            if not (type(seq) is nn.Sequential and len(seq) == 2 and type(seq[0]) is nn.SiLU
+                    and type(seq[1]) is nn.Linear):
+                return None
+            if any(m._forward_hooks or m._forward_pre_hooks for m in (seq, seq[0], seq[1])):
+                return None
+            linears.append(seq[1])
+        return linears
+
+    # .to() / .double() / .cuda() convert every parameter into its own storage, and deepcopy /
+    # unpickling clone each one: re-alias the adaLN weights right away (the forward would
+    # otherwise do it at its first call), so that an optimizer or DDP built next sees the layout
+    # it trains with.
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self._share_adaln_storage()
+        return self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._share_adaln_storage()
+
 
 def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads,
                   mlp_ratio, class_dropout_prob, num_classes, block):
-    if block not in _BLOCKS:
+    if block not in BLOCKS:
         raise ValueError(f"block must be one of {BLOCK_TYPES}, got {block!r}")
     for name, value in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
                         ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads),
@@ -755,54 +435,27 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #                                   DiT Configs                                  #
 #################################################################################
 
-def DiT_XL_2(**kwargs):
-    return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
-
-def DiT_XL_4(**kwargs):
-    return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-
-def DiT_XL_8(**kwargs):
-    return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
-
-def DiT_L_2(**kwargs):
-    return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-
-def DiT_L_4(**kwargs):
-    return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-
-def DiT_L_8(**kwargs):
-    return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
-
-def DiT_B_2(**kwargs):
-    return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-
-def DiT_B_4(**kwargs):
-    return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-
-def DiT_B_8(**kwargs):
-    return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
-
-def DiT_S_2(**kwargs):
-    return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-
-def DiT_S_4(**kwargs):
-    return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-
-def DiT_S_8(**kwargs):
-    return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
-
-
-DiT_models = {
-    'DiT-XL/2': DiT_XL_2,  'DiT-XL/4': DiT_XL_4,  'DiT-XL/8': DiT_XL_8,
-    'DiT-L/2':  DiT_L_2,   'DiT-L/4':  DiT_L_4,   'DiT-L/8':  DiT_L_8,
-    'DiT-B/2':  DiT_B_2,   'DiT-B/4':  DiT_B_4,   'DiT-B/8':  DiT_B_8,
-    'DiT-S/2':  DiT_S_2,   'DiT-S/4':  DiT_S_4,   'DiT-S/8':  DiT_S_8,
-}
-
-# (depth, hidden_size, patch_size, num_heads) of each named configuration.
-_SIZES = {"DiT-XL": (28, 1152, 16), "DiT-L": (24, 1024, 16), "DiT-B": (12, 768, 12), "DiT-S": (12, 384, 6)}
+# The paper's model sizes (Table 1): size -> (depth, hidden_size, num_heads), each with patch size
+# 2, 4 or 8. The 12 configurations, their factories and DiT_models all come from this table.
+_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 DiT_configs = {
-    f"{size}/{p}": dict(depth=depth, hidden_size=hidden, patch_size=p, num_heads=heads)
+    f"DiT-{size}/{p}": dict(depth=depth, hidden_size=hidden, patch_size=p, num_heads=heads)
     for size, (depth, hidden, heads) in _SIZES.items()
     for p in (2, 4, 8)
 }
+
+
+def _factory(name):
+    """DiT_XL_2 & co.: DiT(**DiT_configs[name], **kwargs), as the official factory functions."""
+    def factory(**kwargs):
+        return DiT(**DiT_configs[name], **kwargs)
+    factory.__name__ = factory.__qualname__ = name.replace("-", "_").replace("/", "_")
+    factory.__doc__ = f"{name}: DiT({', '.join(f'{k}={v}' for k, v in DiT_configs[name].items())}, **kwargs)"
+    return factory
+
+
+DiT_models = {name: _factory(name) for name in DiT_configs}
+DiT_XL_2, DiT_XL_4, DiT_XL_8 = (DiT_models[f"DiT-XL/{p}"] for p in (2, 4, 8))
+DiT_L_2, DiT_L_4, DiT_L_8 = (DiT_models[f"DiT-L/{p}"] for p in (2, 4, 8))
+DiT_B_2, DiT_B_4, DiT_B_8 = (DiT_models[f"DiT-B/{p}"] for p in (2, 4, 8))
+DiT_S_2, DiT_S_4, DiT_S_8 = (DiT_models[f"DiT-S/{p}"] for p in (2, 4, 8))
