@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dit_fast  # noqa: E402
-from dit_fast import DiT_models  # noqa: E402
+from dit_fast import DiT_models, _backends  # noqa: E402
 from dit_fast.diffusion import create_diffusion  # noqa: E402
 from dit_fast.flops import dit_config, dit_gflops, true_gflop_per_image  # noqa: E402
 from dit_fast.ops.linear import cpu_isa_info, linear_paths  # noqa: E402
@@ -583,6 +583,10 @@ def main(argv=None):
         skipped=skipped, backends=_backend_report(), rows=rows,
         cpu_isa=cpu_isa_info() if device.type == "cpu" else None,
         linear_paths=linear_paths() if device.type == "cpu" else None,
+        # first-use kernel validation: a one-time cost per (op, backend, dtype, device), paid in the
+        # warm-up calls, outside the timed loops
+        validation=dict(one_time_s=round(sum(v["seconds"] for v in _backends.validation_stats()), 4),
+                        runs=_backends.validation_stats()),
         wall_s=round(time.perf_counter() - started, 1),
         command=shlex.join(["python", "bench/throughput.py", *(argv if argv is not None else sys.argv[1:])]))
     out.write_text(json.dumps(result, indent=1) + "\n")

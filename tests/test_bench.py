@@ -72,6 +72,10 @@ def test_quick_run_schema(quick_run):
         else:
             assert r["full_sample_s"] is None
     assert result["gemm_gflop"]["forward"] == pytest.approx(2 * fwd)
+    if backends()["cpu"].available:  # the cpu kernels were validated once, in the warm-up
+        runs = result["validation"]["runs"]
+        assert runs and all(v["backend"] == "cpu" and v["error"] is None for v in runs)
+        assert result["validation"]["one_time_s"] == pytest.approx(sum(v["seconds"] for v in runs), abs=1e-3)
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "train:" in stdout and "250-step guided sample" in stdout
 
