@@ -13,6 +13,8 @@ Sections (--sections, default all):
              Triton kernel in bf16, fp32 "ieee" (torch.set_float32_matmul_precision("highest")) and
              fp32 TF32 ("high"), against SDPA (whatever kernel torch picks) and flash-attn (bf16,
              when installed). FLOPs: forward 4*N*H*T^2*d, backward 2.5x that (FlashAttention's count).
+  biggrid    one Triton attention launch at N*H = 65,536 (N 4096, H 16, T 16, bf16; the old 2-D
+             grid's axis-1 limit, review C2), its max error against attention_ref.
   profile    torch.profiler of one fp32 DiT-XL/2 training step (diffusion loss + AdamW) at batch 32,
              after two warm-up steps: the op table sorted by device time.
 Without a CUDA device (and without --dry-run) it says so and exits 0.
@@ -34,9 +36,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-SECTIONS = ("rowops", "attention", "profile")
-FULL = dict(N=32, T=256, D=1152, M=4608, H=16, Dh=72, model="DiT-XL/2", image=256, batch=32)
-DRY = dict(N=2, T=16, D=96, M=384, H=2, Dh=72, model="DiT-S/2", image=64, batch=2)
+SECTIONS = ("rowops", "attention", "biggrid", "profile")
+FULL = dict(N=32, T=256, D=1152, M=4608, H=16, Dh=72, model="DiT-XL/2", image=256, batch=32, big_N=4096, big_T=16)
+DRY = dict(N=2, T=16, D=96, M=384, H=2, Dh=72, model="DiT-S/2", image=64, batch=2, big_N=2, big_T=5)
 
 
 class Timer:
@@ -189,6 +191,24 @@ def attention(device: str, shape: dict, timer: Timer, triton_backend: str) -> Li
 
 # ---- profile ----------------------------------------------------------------------------------
 
+def biggrid(device: str, shape: dict, backend: str) -> dict:
+    """The review's launch check: attention at N*H = 65,536 (the old 2-D grid's axis-1 limit),
+    bf16 (float32 on the CPU dry run), against attention_ref in float32."""
+    from dit_fast import use_backend
+    from dit_fast.ops import attention_qkv
+    from dit_fast.ops.attention import attention_ref
+
+    N, T, H, Dh = shape["big_N"], shape["big_T"], shape["H"], shape["Dh"]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(N, T, 3 * H * Dh, device=device, dtype=dtype, generator=g)
+    with use_backend(backend):
+        out = attention_qkv(qkv, H)
+    ref = attention_ref(qkv.float(), H)
+    return dict(backend=backend, N=N, H=H, T=T, head_dim=Dh, dtype=str(dtype), NxH=N * H,
+                max_err=(out.float() - ref).abs().max().item(), finite=bool(torch.isfinite(out).all()))
+
+
 def profile(device: str, shape: dict, out_dir: str) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -276,6 +296,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 result[section] = rowops(device, shape, timer, row_backends)
             elif section == "attention":
                 result[section] = attention(device, shape, timer, attn_backend)
+            elif section == "biggrid":
+                result[section] = biggrid(device, shape, attn_backend)
             else:
                 result[section] = profile(device, shape, args.out)
         except Exception as e:  # noqa: BLE001 - one section failing leaves the others
