@@ -108,13 +108,12 @@ _INTERPRETER_DEVICE_TYPES = ("cpu",)
 # cannot serve a call is skipped, and every order ends in "reference". This is the one table a
 # measurement rewrites (`set_auto_order`, e.g. from bench/gpu_check.sh's row-op bandwidth).
 #
-# CUDA row ops (ln_modulate, gated_residual[_ln_modulate], gelu_bias): Triton first, UNMEASURED.
-# By reading (../shared/reviews/gpu-kernels.md, P3/P4): the hand-written .cu row kernels do scalar
-# 16-bit loads and a 64-bit division per element (~77 SASS instructions per element for gelu vs
-# ~29 with 128-bit loads in the Triton kernel), and run one 256-thread block per row (4.5 elements
-# per thread at D = 1152, 4 __syncthreads per row); the Triton kernels vectorize. Attention keeps
-# ``cuda`` (the flash-attn package) first: FlashAttention-2/3 is the measured state of the art.
-# The other ops keep the .cu kernels first (no reason by reading to rank them lower).
+# CUDA row ops (ln_modulate, gated_residual[_ln_modulate], gelu_bias): Triton first, unmeasured.
+# Both now read 16-byte vectors (the review's P3/P4 flaws in the .cu kernels are fixed), so reading
+# the compiled code does not rank them; the Triton kernels' code has executed (under the
+# interpreter, against the references) while the .cu kernels have only compiled. Attention keeps
+# ``cuda`` (the flash-attn package) first. The other ops keep the .cu kernels first. Notes and
+# instruction counts: docs/backends.md.
 _ROW_OPS = ("ln_modulate", "gated_residual_ln_modulate", "gated_residual", "gelu_bias")
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {"*": ("cuda", "triton", "reference"),
