@@ -1,5 +1,6 @@
 import functools
 import os
+import re
 from pathlib import Path
 
 # Triton kernels run under Triton's interpreter on machines without a GPU. TRITON_INTERPRET must be
@@ -25,3 +26,15 @@ def _golden():
 def golden():
     """Tensors computed by the official DiT code (see tests/data/README.md)."""
     return _golden()
+
+
+# A skip reason that says a test needs a GPU (the skipif marks of GPU-only tests).
+_NEEDS_GPU = re.compile(r"GPU|no CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that skip for want of a CUDA device get the `gpu` marker (`-m gpu` / `-m "not gpu"`)."""
+    for item in items:
+        if item.get_closest_marker("gpu") is None and any(
+                _NEEDS_GPU.search(str(m.kwargs.get("reason", ""))) for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
