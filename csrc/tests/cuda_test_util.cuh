@@ -1,5 +1,6 @@
-// Helpers for the CUDA-vs-CPU kernel tests (csrc/tests/test_*_cuda.cu): device buffers, storage
-// conversions, and a max-relative-error measure. Host code only.
+// Helpers for the CUDA-vs-CPU kernel tests (csrc/tests/test_*_cuda.cu): device buffers, each
+// storage type with the CPU kernel that serves as its reference, a max-relative-error measure and
+// its check. Host code only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,11 +8,17 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "common/bf16.h"
+#include "common/dtype.h"
+#include "tests/check.h"
 
 #define CUDA_OK(expr)                                                                       \
   do {                                                                                      \
@@ -56,6 +63,68 @@ double max_rel(const std::vector<S>& got, const std::vector<R>& want) {
     mag = std::fmax(mag, std::fabs(to_d(want[i])));
   }
   return want.empty() ? 0 : err / mag;
+}
+
+// Host storage S of a CUDA kernel's tensors, and its reference: the CPU kernel run on storage C
+// (S itself, or float for fp16, which has no CPU kernel) with statistics of type A.
+template <typename S>
+struct Host;
+template <>
+struct Host<float> {
+  using C = float;
+  using A = float;
+  static constexpr dit_fast::DType dt = dit_fast::DType::kFloat32, cpu_dt = dt;
+  static float from(float v) { return v; }
+  static C to_cpu(float v) { return v; }
+};
+template <>
+struct Host<double> {
+  using C = double;
+  using A = double;
+  static constexpr dit_fast::DType dt = dit_fast::DType::kFloat64, cpu_dt = dt;
+  static double from(float v) { return v; }
+  static C to_cpu(double v) { return v; }
+};
+template <>
+struct Host<dit_fast::bf16> {
+  using C = dit_fast::bf16;
+  using A = float;
+  static constexpr dit_fast::DType dt = dit_fast::DType::kBFloat16, cpu_dt = dt;
+  static dit_fast::bf16 from(float v) { return dit_fast::to_bf16(v); }
+  static C to_cpu(dit_fast::bf16 v) { return v; }
+};
+template <>
+struct Host<__half> {
+  using C = float;
+  using A = float;
+  static constexpr dit_fast::DType dt = dit_fast::DType::kFloat16, cpu_dt = dit_fast::DType::kFloat32;
+  static __half from(float v) { return __float2half_rn(v); }
+  static C to_cpu(__half v) { return __half2float(v); }
+};
+
+// The CPU kernel's copy of host tensor v.
+template <typename S>
+std::vector<typename Host<S>::C> cpu_copy(const std::vector<S>& v) {
+  std::vector<typename Host<S>::C> o(v.size());
+  for (size_t i = 0; i < v.size(); ++i) o[i] = Host<S>::to_cpu(v[i]);
+  return o;
+}
+
+// printf-style std::string (names a test case in CHECK messages).
+inline std::string format(const char* fmt, ...) {
+  char buf[256];
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(buf, sizeof(buf), fmt, args);
+  va_end(args);
+  return buf;
+}
+
+// CHECKs each (name, max_rel error) of one case against tol.
+inline void expect_within(const std::string& where, double tol,
+                          std::initializer_list<std::pair<const char*, double>> errors) {
+  for (const auto& [what, e] : errors)
+    CHECK(e <= tol, "%s: %s rel err %.3g > %.3g", where.c_str(), what, e, tol);
 }
 
 inline bool have_gpu(const char* name) {

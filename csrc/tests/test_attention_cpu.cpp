@@ -1,45 +1,27 @@
 // CPU attention forward vs a naive double-precision reference: out and lse, for fp32 / fp64 /
 // bf16, every compiled ISA path, padded and strided qkv rows, ragged token counts and odd head
 // dims, and thread-count independence (bitwise).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <random>
 #include <vector>
 
-#include "common/bf16.h"
 #include "cpu/attention.h"
-#include "cpu/isa.h"
 #include "tests/check.h"
 
 using namespace dit_fast;
 
+// Tolerances relative to max |value|.
 template <typename T>
 struct Traits;
 template <>
-struct Traits<float> {
-  using A = float;
-  static constexpr DType dtype = DType::kFloat32;
-  static float from(double v) { return static_cast<float>(v); }
-  static double to(float v) { return v; }
-  static constexpr double out_tol = 2e-6, lse_tol = 2e-6;  // relative to max |value|
-};
+struct Traits<float> : dit_test::Storage<float> { static constexpr double out_tol = 2e-6, lse_tol = 2e-6; };
 template <>
-struct Traits<double> {
-  using A = double;
-  static constexpr DType dtype = DType::kFloat64;
-  static double from(double v) { return v; }
-  static double to(double v) { return v; }
-  static constexpr double out_tol = 1e-13, lse_tol = 1e-13;
-};
+struct Traits<double> : dit_test::Storage<double> { static constexpr double out_tol = 1e-13, lse_tol = 1e-13; };
 template <>
-struct Traits<bf16> {
-  using A = float;
-  static constexpr DType dtype = DType::kBFloat16;
-  static bf16 from(double v) { return to_bf16(static_cast<float>(v)); }
-  static double to(bf16 v) { return to_float(v); }
-  static constexpr double out_tol = 1.0 / 128, lse_tol = 2e-6;
-};
+struct Traits<bf16> : dit_test::Storage<bf16> { static constexpr double out_tol = 1.0 / 128, lse_tol = 2e-6; };
 
 struct Case {
   int64_t N, T, H, Dh, row_pad, token_step;  // qkv row stride (3D + row_pad) * token_step
@@ -105,15 +87,10 @@ void all_cases() {
 }
 
 int main() {
-  for (cpu::Isa isa : {cpu::Isa::kGeneric, cpu::Isa::kAvx2}) {
-    if (!cpu::isa_supported(isa)) continue;
-    cpu::set_isa(isa);
+  dit_test::for_each_isa([](cpu::Isa isa) {
     std::printf("ISA %s\n", cpu::isa_name(isa));
-    all_cases<float>();
-    all_cases<double>();
-    all_cases<bf16>();
-  }
-  cpu::set_isa(cpu::Isa::kAuto);
+    dit_test::for_each_storage([](auto t) { all_cases<decltype(t)>(); });
+  });
   // thread-count independence (bitwise)
   std::vector<float> o1, o3;
   run_case<float>({2, 130, 3, 72, 0, 1}, 1, &o1);

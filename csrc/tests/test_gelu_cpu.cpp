@@ -8,41 +8,26 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <type_traits>
 #include <vector>
 
-#include "common/bf16.h"
 #include "common/gelu.h"
 #include "cpu/gelu.h"
-#include "cpu/isa.h"
 #include "cpu/vec_avx2.h"
 #include "tests/check.h"
 
 using namespace dit_fast;
 
+// |err| <= rtol |want| + atol * scale, scale = max(1, |v|) (see test_case); bf16: one rounding of
+// an fp32 result.
 template <typename T>
 struct Traits;
 template <>
-struct Traits<float> {
-  static constexpr DType dtype = DType::kFloat32;
-  static float from(double v) { return static_cast<float>(v); }
-  static double to(float v) { return v; }
-  // |err| <= rtol |want| + atol_rel * scale, scale = max(1, |v|) (see check_close)
-  static constexpr double rtol = 2e-6, atol = 2e-7;
-};
+struct Traits<float> : dit_test::Storage<float> { static constexpr double rtol = 2e-6, atol = 2e-7; };
 template <>
-struct Traits<double> {
-  static constexpr DType dtype = DType::kFloat64;
-  static double from(double v) { return v; }
-  static double to(double v) { return v; }
-  static constexpr double rtol = 1e-13, atol = 1e-15;
-};
+struct Traits<double> : dit_test::Storage<double> { static constexpr double rtol = 1e-13, atol = 1e-15; };
 template <>
-struct Traits<bf16> {
-  static constexpr DType dtype = DType::kBFloat16;
-  static bf16 from(double v) { return to_bf16(static_cast<float>(v)); }
-  static double to(bf16 v) { return to_float(v); }
-  static constexpr double rtol = 1.0 / 256, atol = 1e-6;  // one bf16 rounding of an fp32 result
-};
+struct Traits<bf16> : dit_test::Storage<bf16> { static constexpr double rtol = 1.0 / 256, atol = 1e-6; };
 
 double ref_gelu(double v) {
   const double u = gelu::kBeta * (v + gelu::kKappa * v * v * v);
@@ -142,40 +127,28 @@ void test_exp8() {
 #endif
 
 int main() {
-  std::vector<cpu::Isa> isas = {cpu::Isa::kGeneric};
-  if (cpu::isa_supported(cpu::Isa::kAvx2)) isas.push_back(cpu::Isa::kAvx2);
 #if DIT_CPU_HAVE_AVX2_PATH
   if (cpu::isa_supported(cpu::Isa::kAvx2)) test_exp8();
 #endif
   const int64_t shapes[][2] = {{1, 1}, {3, 7}, {1, 8}, {5, 72}, {2, 1000}, {3, 1152}, {257, 17},
                                {0, 16}, {4, 0}, {70, 33}};
-  for (cpu::Isa isa : isas) {
-    CHECK(cpu::set_isa(isa), "set_isa(%s)", cpu::isa_name(isa));
-    uint32_t seed = 1;
-    for (const auto& s : shapes) {
-      test_case<float>(s[0], s[1], seed);
-      test_case<double>(s[0], s[1], seed);
-      test_case<bf16>(s[0], s[1], seed);
-      ++seed;
-    }
-  }
-  cpu::set_isa(cpu::Isa::kAuto);
   // Exact special values: gelu(0) = 0, gelu(+inf) = inf, NaN propagates, the far negative tail
   // is exactly zero.
-  {
-    const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
-    float h[8] = {0.0f, inf, nan, -50.0f, -1e30f, 1e30f, 3.0f, -0.5f}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (cpu::Isa isa : isas) {
-      cpu::set_isa(isa);
-      float o[8];
-      cpu::gelu_bias_fwd(DType::kFloat32, h, b, o, 1, 8, 1);
-      CHECK(o[0] == 0.0f && o[1] == inf && std::isnan(o[2]) && o[3] == 0.0f && o[4] == 0.0f &&
-                o[5] == 1e30f,
-            "%s special values: %g %g %g %g %g %g", cpu::isa_name(isa), o[0], o[1], o[2], o[3],
-            o[4], o[5]);
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const float h[8] = {0.0f, inf, nan, -50.0f, -1e30f, 1e30f, 3.0f, -0.5f}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  dit_test::for_each_isa([&](cpu::Isa isa) {
+    uint32_t seed = 1;
+    for (const auto& s : shapes) {
+      dit_test::for_each_storage([&](auto t) { test_case<decltype(t)>(s[0], s[1], seed); });
+      ++seed;
     }
-    cpu::set_isa(cpu::Isa::kAuto);
-  }
+    float o[8];
+    cpu::gelu_bias_fwd(DType::kFloat32, h, b, o, 1, 8, 1);
+    CHECK(o[0] == 0.0f && o[1] == inf && std::isnan(o[2]) && o[3] == 0.0f && o[4] == 0.0f &&
+              o[5] == 1e30f,
+          "%s special values: %g %g %g %g %g %g", cpu::isa_name(isa), o[0], o[1], o[2], o[3],
+          o[4], o[5]);
+  });
   float buf[4] = {0, 0, 0, 0};
   CHECK(cpu::gelu_bias_fwd(DType::kFloat16, buf, buf, buf, 1, 1) == Status::kUnsupportedDType,
         "float16 must be rejected on CPU");
