@@ -45,6 +45,20 @@ def backend_devices(*only: str):
 BACKEND_DEVICES = backend_devices()
 
 
+def each_backend_dtype_shape(shapes, dtypes=DTYPES):
+    """Parametrizes an op's accuracy test over every (backend, device), `dtypes` and `shapes`
+    (ids "backend-device-dtype-shape")."""
+    marks = (pytest.mark.parametrize("backend,device", BACKEND_DEVICES),
+             pytest.mark.parametrize("dtype", dtypes, ids=dtype_id),
+             pytest.mark.parametrize("shape", shapes, ids=shape_id))
+
+    def apply(fn):
+        for mark in marks:
+            fn = mark(fn)
+        return fn
+    return apply
+
+
 def require(op: str, backend: str, device: str, dtype: torch.dtype = torch.float32,
             sample: torch.Tensor = None, fp16_reference: bool = True) -> None:
     """Skips, with the registry's reason, unless the forced `backend` can run `op` on `sample`
@@ -62,6 +76,21 @@ def require(op: str, backend: str, device: str, dtype: torch.dtype = torch.float
         raise
     except RuntimeError as e:
         pytest.skip(str(e))
+
+
+def assert_auto_picks_no_interpreter(op: str, like: torch.Tensor) -> None:
+    """Auto runs `op` on float32 CPU tensors like `like` with the C++ kernel (the reference without
+    it), never the Triton interpreter, and on float16 ones (no CPU kernel) with the reference."""
+    assert _backends.select(op, like) == ("cpu" if HAS_C else "reference")
+    assert _backends.select(op, like.half()) == "reference"
+
+
+def empty_row_inputs(device: str, n_tokens: int, n_rows: int, D: int = 16):
+    """The empty cases (N, T) = (0, 4) and (2, 0) of a row op: yields N, T, `n_tokens` (N, T, D)
+    and `n_rows` (N, D) random leaf tensors that require grad."""
+    for N, T in ((0, 4), (2, 0)):
+        leaf = lambda *shape: torch.randn(*shape, device=device, requires_grad=True)  # noqa: E731
+        yield N, T, [leaf(N, T, D) for _ in range(n_tokens)], [leaf(N, D) for _ in range(n_rows)]
 
 
 def interpreted(backend: str, device: str) -> bool:

@@ -14,14 +14,14 @@ import importlib
 import pytest
 import torch
 
-from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import (gated_residual, gated_residual_ln_modulate,
                           gated_residual_ln_modulate_ref, gated_residual_ref, ln_modulate_ref)
 from dit_fast.tolerances import assert_close
-from op_helpers import (ALL_OPCHECK, BACKEND_DEVICES, DTYPES, HAS_C, QUICK_OPCHECK,
-                        assert_thread_count_independent, compile_and_trace, dtype_id, each_cpu_isa,
-                        match_cases, needs_c, opcheck_utils, require, shape_for, shape_id)
+from op_helpers import (ALL_OPCHECK, BACKEND_DEVICES, QUICK_OPCHECK,
+                        assert_auto_picks_no_interpreter, assert_thread_count_independent,
+                        compile_and_trace, each_backend_dtype_shape, each_cpu_isa, empty_row_inputs,
+                        match_cases, needs_c, opcheck_utils, require, shape_for)
 
 G = importlib.import_module("dit_fast.ops.gated_residual")
 OP, OP_PLAIN = G.OP_NAME, G.OP_NAME_PLAIN
@@ -59,9 +59,7 @@ def check_forward(x_new, h, x, y, gate, shift, scale, eps=1e-6, msg=""):
 
 # ---- forward --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@each_backend_dtype_shape(SHAPES)
 def test_forward_matches_reference(backend, device, dtype, shape):
     require(OP, backend, device, dtype, fp16_reference=False)
     shape = shape_for(backend, device, shape, SMALL)
@@ -100,10 +98,7 @@ def test_broadcast_noncontiguous_and_eps(backend, device):
 def test_empty_inputs(backend, device):
     require(OP, backend, device)
     with use_backend(backend):
-        for N, T in ((0, 4), (2, 0)):
-            x, y = (torch.randn(N, T, 16, device=device, requires_grad=True) for _ in range(2))
-            gate, shift, scale = (torch.randn(N, 16, device=device, requires_grad=True)
-                                  for _ in range(3))
+        for N, T, (x, y), (gate, shift, scale) in empty_row_inputs(device, 2, 3):
             x_new, h = gated_residual_ln_modulate(x, y, gate, shift, scale)
             out = gated_residual(x, y, gate)
             assert x_new.shape == h.shape == out.shape == (N, T, 16)
@@ -135,9 +130,7 @@ def _reference_grads(x, y, gate, shift, scale, dxn, dh, dout, stored_x_new=None,
 NAMES = ("dx", "dy", "dgate", "dshift", "dscale")
 
 
-@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=shape_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@each_backend_dtype_shape(GRAD_SHAPES)
 def test_gradients_match_reference(backend, device, dtype, shape):
     """Both outputs of the fused op used (x_new feeds the output and h, so dx collects both
     paths); then the plain op on its own (separate backward passes, so no reduced-precision
@@ -209,6 +202,16 @@ def test_backends_can_be_mixed_between_forward_and_backward():
 
 # ---- torch.library / torch.compile ----------------------------------------------------------
 
+def _opcheck_backwards(fused_bwd, plain_bwd, fwd, y, gate, scale, utils):
+    """opcheck of the fused op's backward (with and without dx_new) given its forward's outputs
+    `fwd` (x_new, h, mean, rstd), and of the plain op's backward."""
+    x_new, _, mean, rstd = fwd
+    d = torch.randn_like(x_new)
+    for dxn in (d, None):
+        torch.library.opcheck(fused_bwd, (dxn, d, x_new, y, gate, scale, mean, rstd), test_utils=utils)
+    torch.library.opcheck(plain_bwd, (d, y, gate), test_utils=utils)
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_opcheck_custom_ops(backend, device):
     require(OP, backend, device)
@@ -221,14 +224,9 @@ def test_opcheck_custom_ops(backend, device):
                                   (*args, 1e-6), test_utils=utils)
             torch.library.opcheck(torch.ops.dit_fast.gated_residual.default, tuple(args[:3]),
                                   test_utils=utils)
-        x_new, _h, mean, rstd = G._forward(x, y, gate, shift, scale, 1e-6)
-        d = torch.randn_like(x)
-        for dxn in (d, None):
-            torch.library.opcheck(torch.ops.dit_fast.gated_residual_ln_modulate_backward.default,
-                                  (dxn, d, x_new, y, gate, scale, mean, rstd),
-                                  test_utils=utils)
-        torch.library.opcheck(torch.ops.dit_fast.gated_residual_backward.default, (d, y, gate),
-                              test_utils=utils)
+        _opcheck_backwards(torch.ops.dit_fast.gated_residual_ln_modulate_backward.default,
+                           torch.ops.dit_fast.gated_residual_backward.default,
+                           G._forward(x, y, gate, shift, scale, 1e-6), y, gate, scale, utils)
 
 
 @needs_c
@@ -238,18 +236,12 @@ def test_opcheck_native_ops():
         x, y, gate, shift, scale = make_inputs(2, 5, 72, dtype=dtype, strided=True)
         torch.library.opcheck(torch.ops.dit_fast.gated_residual_ln_modulate_fwd.default,
                               (x, y, gate, shift, scale, 1e-6), test_utils=utils)
-        x_new, h, mean, rstd = torch.ops.dit_fast.gated_residual_ln_modulate_fwd(
-            x, y, gate, shift, scale, 1e-6)
-        assert mean.dtype == rstd.dtype == G._stats_dtype(dtype) and mean.shape == (2, 5)
-        d = torch.randn_like(x)
-        for dxn in (d, None):
-            torch.library.opcheck(torch.ops.dit_fast.gated_residual_ln_modulate_bwd.default,
-                                  (dxn, d, x_new, y, gate, scale, mean, rstd),
-                                  test_utils=utils)
+        fwd = torch.ops.dit_fast.gated_residual_ln_modulate_fwd(x, y, gate, shift, scale, 1e-6)
+        assert fwd[2].dtype == fwd[3].dtype == G._stats_dtype(dtype) and fwd[2].shape == (2, 5)
         torch.library.opcheck(torch.ops.dit_fast.gated_residual_fwd.default, (x, y, gate),
                               test_utils=utils)
-        torch.library.opcheck(torch.ops.dit_fast.gated_residual_bwd.default, (d, y, gate),
-                              test_utils=utils)
+        _opcheck_backwards(torch.ops.dit_fast.gated_residual_ln_modulate_bwd.default,
+                           torch.ops.dit_fast.gated_residual_bwd.default, fwd, y, gate, scale, utils)
 
 
 def test_torch_compile_fullgraph():
@@ -322,9 +314,8 @@ def test_plain_invalid_inputs_raise_value_error(match, args):
 
 
 def test_auto_never_picks_the_triton_interpreter_for_cpu_tensors():
-    x = torch.empty(1, 1, 8)
-    assert _backends.select(OP, x) == ("cpu" if HAS_C else "reference")
-    assert _backends.select(OP_PLAIN, x.half()) == "reference"
+    for op in (OP, OP_PLAIN):
+        assert_auto_picks_no_interpreter(op, torch.empty(1, 1, 8))
 
 
 @needs_c

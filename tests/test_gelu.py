@@ -13,14 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import gelu_bias, gelu_bias_ref, linear_gelu, linear_gelu_ref
 from dit_fast.tolerances import assert_close
-from op_helpers import (ALL_OPCHECK, BACKEND_DEVICES, DTYPES, HAS_C, QUICK_OPCHECK,
-                        assert_thread_count_independent, backend_devices, compile_and_trace,
-                        dtype_id, each_cpu_isa, match_cases, needs_c, opcheck_utils, require,
-                        shape_id)
+from op_helpers import (ALL_OPCHECK, BACKEND_DEVICES, DTYPES, QUICK_OPCHECK,
+                        assert_auto_picks_no_interpreter, assert_thread_count_independent,
+                        backend_devices, compile_and_trace, dtype_id, each_backend_dtype_shape,
+                        each_cpu_isa, match_cases, needs_c, opcheck_utils, require)
 
 GE = importlib.import_module("dit_fast.ops.gelu")
 OP = GE.OP_NAME
@@ -44,9 +43,7 @@ def truth(h, bias):
 
 # ---- forward --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@each_backend_dtype_shape(SHAPES)
 def test_forward_matches_reference(backend, device, dtype, shape):
     require(OP, backend, device, dtype, fp16_reference=False)
     h, bias = make_inputs(shape, dtype, device)
@@ -105,9 +102,7 @@ def test_noncontiguous_and_empty(backend, device):
 
 # ---- backward -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=shape_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@each_backend_dtype_shape(GRAD_SHAPES)
 def test_gradients_match_reference(backend, device, dtype, shape):
     require(OP, backend, device, dtype, fp16_reference=False)
     h, bias = (t.requires_grad_() for t in make_inputs(shape, dtype, device))
@@ -308,9 +303,7 @@ def test_linear_gelu_invalid_inputs_raise_value_error(match, args):
 
 
 def test_auto_never_picks_the_triton_interpreter_for_cpu_tensors():
-    h = torch.empty(2, 8)
-    assert _backends.select(OP, h) == ("cpu" if HAS_C else "reference")
-    assert _backends.select(OP, h.half()) == "reference"
+    assert_auto_picks_no_interpreter(OP, torch.empty(2, 8))
 
 
 # ---- CPU-kernel specifics -------------------------------------------------------------------

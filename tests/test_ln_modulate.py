@@ -14,9 +14,9 @@ from dit_fast._backends import use_backend
 from dit_fast.ops import ln_modulate, ln_modulate_ref
 from dit_fast.tolerances import assert_close
 from error_rule import error_floor
-from op_helpers import (BACKEND_DEVICES, DTYPES, HAS_C, assert_thread_count_independent,
-                        compile_and_trace, dtype_id, each_cpu_isa, match_cases, needs_c, require,
-                        shape_for, shape_id)
+from op_helpers import (BACKEND_DEVICES, HAS_C, assert_thread_count_independent, compile_and_trace,
+                        each_backend_dtype_shape, each_cpu_isa, empty_row_inputs, match_cases,
+                        needs_c, require, shape_for)
 
 L = importlib.import_module("dit_fast.ops.ln_modulate")  # the module (the package re-exports the function)
 OP = L.OP_NAME
@@ -50,9 +50,7 @@ def truth(x, shift, scale, eps=1e-6):
 
 # ---- forward --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@each_backend_dtype_shape(SHAPES)
 def test_forward_matches_reference(backend, device, dtype, shape):
     require(OP, backend, device, dtype)
     shape = shape_for(backend, device, shape, SMALL)
@@ -99,10 +97,7 @@ def test_eps_and_constant_rows(backend, device):
 def test_empty_inputs(backend, device):
     require(OP, backend, device)
     with use_backend(backend):
-        for N, T in ((0, 4), (2, 0)):
-            x = torch.randn(N, T, 16, device=device, requires_grad=True)
-            shift = torch.randn(N, 16, device=device, requires_grad=True)
-            scale = torch.randn(N, 16, device=device, requires_grad=True)
+        for N, T, (x,), (shift, scale) in empty_row_inputs(device, 1, 2):
             y = ln_modulate(x, shift, scale)
             assert y.shape == (N, T, 16)
             y.sum().backward()
@@ -123,9 +118,7 @@ def test_cpu_bf16_at_least_as_accurate_as_eager_bf16():
 
 # ---- backward -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=shape_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@each_backend_dtype_shape(GRAD_SHAPES)
 def test_gradients_match_reference(backend, device, dtype, shape):
     require(OP, backend, device, dtype)
     shape = shape_for(backend, device, shape, SMALL)

@@ -11,12 +11,11 @@ import importlib
 import pytest
 import torch
 
-from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import patch_embed, patch_embed_ref, unpatchify, unpatchify_ref
-from op_helpers import (BACKEND_DEVICES, DTYPES, HAS_C, assert_thread_count_independent,
-                        compile_and_trace, dtype_id, each_cpu_isa, interpreted, match_cases,
-                        needs_c, require, shape_id)
+from op_helpers import (BACKEND_DEVICES, HAS_C, assert_auto_picks_no_interpreter,
+                        assert_thread_count_independent, compile_and_trace, each_backend_dtype_shape,
+                        each_cpu_isa, interpreted, match_cases, needs_c, require, shape_id)
 from dit_fast.tolerances import assert_close, tol
 
 P = importlib.import_module("dit_fast.ops.patchify")
@@ -45,9 +44,7 @@ def truth(x, w, b, pos, p):
 
 # ---- patch_embed forward ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@each_backend_dtype_shape(SHAPES)
 def test_forward_matches_reference(backend, device, dtype, shape):
     require(OP, backend, device, dtype)
     if interpreted(backend, device) and shape not in SMALL:
@@ -88,9 +85,7 @@ def test_matches_the_model_patch_embed():
 GRAD_SHAPES = [(1, 4, 4, 4, 2, 72), (2, 3, 6, 10, 2, 1000), (1, 4, 8, 8, 4, 1152)]
 
 
-@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=shape_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@each_backend_dtype_shape(GRAD_SHAPES, [torch.float32, torch.bfloat16])
 def test_backward_matches_reference_autograd(backend, device, dtype, shape):
     require(OP, backend, device, dtype)
     if interpreted(backend, device) and shape != GRAD_SHAPES[0]:
@@ -336,9 +331,7 @@ def test_unpatchify_invalid_inputs(match, args, kwargs):
 
 
 def test_auto_never_picks_triton_for_cpu_tensors():
-    x = torch.empty(0)
-    assert _backends.select(OP, x) == ("cpu" if HAS_C else "reference")
-    assert _backends.select(OP, x.half()) == "reference"
+    assert_auto_picks_no_interpreter(OP, torch.empty(0))
 
 
 # ---- Triton AOT specializations (compiled for sm_80 / sm_90 by tests/test_triton_aot.py) ------

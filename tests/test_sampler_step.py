@@ -13,7 +13,7 @@ import torch
 
 from dit_fast._backends import use_backend
 from dit_fast.diffusion import create_diffusion
-from dit_fast.diffusion.gaussian_diffusion import GaussianDiffusion, ModelMeanType, ModelVarType
+from dit_fast.diffusion.gaussian_diffusion import GaussianDiffusion
 from dit_fast.ops import ddim_step, ddpm_step
 from op_helpers import BACKEND_DEVICES, compile_and_trace, match_cases, needs_c, require
 

@@ -1,13 +1,17 @@
 // What the torch-free C++ unit tests share (no gtest: no network needed): CHECK and the exit code,
 // the storage types of the kernels with their exact conversions, error measures, and running a
-// test on each CPU ISA path.
+// test on each CPU ISA path. Also the standard headers every test uses (below).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <random>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/bf16.h"
@@ -69,12 +73,35 @@ struct Storage<dit_fast::bf16> {
   static double to(dit_fast::bf16 v) { return dit_fast::to_float(v); }
 };
 
+// The value for storage type T out of its float, double and bf16 values (e.g. a tolerance).
+template <typename T>
+constexpr double per_storage(double f32, double f64, double bf16) {
+  if constexpr (std::is_same_v<T, float>) {
+    return f32;
+  } else if constexpr (std::is_same_v<T, double>) {
+    return f64;
+  } else {
+    static_assert(std::is_same_v<T, dit_fast::bf16>, "per_storage: float, double or bf16");
+    return bf16;
+  }
+}
+
 // Calls body(T{}) for each CPU storage type T: float, double, bf16.
 template <typename F>
 void for_each_storage(F&& body) {
   body(float{});
   body(double{});
   body(dit_fast::bf16{});
+}
+
+// Mean and 1 / sqrt(variance + eps) of one row of D values (the reference LayerNorm's statistics).
+inline std::pair<double, double> row_stats(const double* r, int64_t D, double eps) {
+  double m = 0, v = 0;
+  for (int64_t i = 0; i < D; ++i) m += r[i];
+  m /= D;
+  for (int64_t i = 0; i < D; ++i) v += (r[i] - m) * (r[i] - m);
+  v /= D;
+  return {m, 1.0 / std::sqrt(v + eps)};
 }
 
 template <typename V>

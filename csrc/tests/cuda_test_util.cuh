@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -67,46 +68,64 @@ double max_rel(const std::vector<S>& got, const std::vector<R>& want) {
 
 // Host storage S of a CUDA kernel's tensors, and its reference: the CPU kernel run on storage C
 // (S itself, or float for fp16, which has no CPU kernel) with statistics of type A.
+template <typename S, typename C_, typename A_, dit_fast::DType DT, dit_fast::DType CPU_DT>
+struct HostOf {
+  using C = C_;
+  using A = A_;
+  static constexpr dit_fast::DType dt = DT, cpu_dt = CPU_DT;
+};
 template <typename S>
 struct Host;
 template <>
-struct Host<float> {
-  using C = float;
-  using A = float;
-  static constexpr dit_fast::DType dt = dit_fast::DType::kFloat32, cpu_dt = dt;
+struct Host<float> : HostOf<float, float, float, dit_fast::DType::kFloat32, dit_fast::DType::kFloat32> {
   static float from(float v) { return v; }
-  static C to_cpu(float v) { return v; }
 };
 template <>
-struct Host<double> {
-  using C = double;
-  using A = double;
-  static constexpr dit_fast::DType dt = dit_fast::DType::kFloat64, cpu_dt = dt;
+struct Host<double> : HostOf<double, double, double, dit_fast::DType::kFloat64, dit_fast::DType::kFloat64> {
   static double from(float v) { return v; }
-  static C to_cpu(double v) { return v; }
 };
 template <>
-struct Host<dit_fast::bf16> {
-  using C = dit_fast::bf16;
-  using A = float;
-  static constexpr dit_fast::DType dt = dit_fast::DType::kBFloat16, cpu_dt = dt;
+struct Host<dit_fast::bf16>
+    : HostOf<dit_fast::bf16, dit_fast::bf16, float, dit_fast::DType::kBFloat16, dit_fast::DType::kBFloat16> {
   static dit_fast::bf16 from(float v) { return dit_fast::to_bf16(v); }
-  static C to_cpu(dit_fast::bf16 v) { return v; }
 };
 template <>
-struct Host<__half> {
-  using C = float;
-  using A = float;
-  static constexpr dit_fast::DType dt = dit_fast::DType::kFloat16, cpu_dt = dit_fast::DType::kFloat32;
+struct Host<__half> : HostOf<__half, float, float, dit_fast::DType::kFloat16, dit_fast::DType::kFloat32> {
   static __half from(float v) { return __float2half_rn(v); }
-  static C to_cpu(__half v) { return __half2float(v); }
 };
 
-// The CPU kernel's copy of host tensor v.
+// Calls body(S{}) for each host storage type S: float, double, bf16, fp16.
+template <typename F>
+void for_each_host(F&& body) {
+  body(float{});
+  body(double{});
+  body(dit_fast::bf16{});
+  body(__half{});
+}
+
+// The value for host type S out of its fp32, fp64, bf16 and fp16 values (e.g. a tolerance).
+template <typename S>
+constexpr double per_host(double f32, double f64, double bf16, double f16) {
+  if constexpr (std::is_same_v<S, float>) {
+    return f32;
+  } else if constexpr (std::is_same_v<S, double>) {
+    return f64;
+  } else if constexpr (std::is_same_v<S, dit_fast::bf16>) {
+    return bf16;
+  } else {
+    static_assert(std::is_same_v<S, __half>, "per_host: float, double, bf16 or __half");
+    return f16;
+  }
+}
+
+// The CPU kernel's copy of host tensor v (fp16 widened to float, other types as they are).
 template <typename S>
 std::vector<typename Host<S>::C> cpu_copy(const std::vector<S>& v) {
   std::vector<typename Host<S>::C> o(v.size());
-  for (size_t i = 0; i < v.size(); ++i) o[i] = Host<S>::to_cpu(v[i]);
+  for (size_t i = 0; i < v.size(); ++i) {
+    if constexpr (std::is_same_v<S, __half>) o[i] = __half2float(v[i]);
+    else o[i] = v[i];
+  }
   return o;
 }
 

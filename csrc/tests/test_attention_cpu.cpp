@@ -1,27 +1,11 @@
 // CPU attention forward vs a naive double-precision reference: out and lse, for fp32 / fp64 /
 // bf16, every compiled ISA path, padded and strided qkv rows, ragged token counts and odd head
 // dims, and thread-count independence (bitwise).
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <random>
-#include <vector>
-
 #include "cpu/attention.h"
 #include "tests/check.h"
 
 using namespace dit_fast;
-
-// Tolerances relative to max |value|.
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> : dit_test::Storage<float> { static constexpr double out_tol = 2e-6, lse_tol = 2e-6; };
-template <>
-struct Traits<double> : dit_test::Storage<double> { static constexpr double out_tol = 1e-13, lse_tol = 1e-13; };
-template <>
-struct Traits<bf16> : dit_test::Storage<bf16> { static constexpr double out_tol = 1.0 / 128, lse_tol = 2e-6; };
+using namespace dit_test;
 
 struct Case {
   int64_t N, T, H, Dh, row_pad, token_step;  // qkv row stride (3D + row_pad) * token_step
@@ -29,7 +13,10 @@ struct Case {
 
 template <typename T>
 int run_case(const Case& c, int num_threads, std::vector<T>* out_copy = nullptr) {
-  using Tr = Traits<T>;
+  using Tr = Storage<T>;
+  // relative to max |value|
+  const double out_tol = per_storage<T>(2e-6, 1e-13, 1.0 / 128),
+               lse_tol = per_storage<T>(2e-6, 1e-13, 2e-6);
   using A = typename Tr::A;
   const int64_t D = c.H * c.Dh, st = (3 * D + c.row_pad) * c.token_step, sn = st * c.T;
   std::vector<T> qkv(c.N * sn);
@@ -70,10 +57,10 @@ int run_case(const Case& c, int num_threads, std::vector<T>* out_copy = nullptr)
           out_mag = std::max(out_mag, std::fabs(o));
         }
       }
-  CHECK(out_err <= Tr::out_tol * out_mag, "%s N=%lld T=%lld H=%lld Dh=%lld: out err %.3g (mag %.3g)",
+  CHECK(out_err <= out_tol * out_mag, "%s N=%lld T=%lld H=%lld Dh=%lld: out err %.3g (mag %.3g)",
         dtype_name(Tr::dtype), (long long)c.N, (long long)c.T, (long long)c.H, (long long)c.Dh,
         out_err, out_mag);
-  CHECK(lse_err <= Tr::lse_tol * lse_mag, "%s N=%lld T=%lld H=%lld Dh=%lld: lse err %.3g",
+  CHECK(lse_err <= lse_tol * lse_mag, "%s N=%lld T=%lld H=%lld Dh=%lld: lse err %.3g",
         dtype_name(Tr::dtype), (long long)c.N, (long long)c.T, (long long)c.H, (long long)c.Dh,
         lse_err);
   return 0;
@@ -87,9 +74,9 @@ void all_cases() {
 }
 
 int main() {
-  dit_test::for_each_isa([](cpu::Isa isa) {
+  for_each_isa([](cpu::Isa isa) {
     std::printf("ISA %s\n", cpu::isa_name(isa));
-    dit_test::for_each_storage([](auto t) { all_cases<decltype(t)>(); });
+    for_each_storage([](auto t) { all_cases<decltype(t)>(); });
   });
   // thread-count independence (bitwise)
   std::vector<float> o1, o3;

@@ -4,30 +4,11 @@
 // broadcast (stride 0) parameter rows, in-place x_new, edge shapes, and thread-count independence
 // (bitwise). For bf16 the reference LayerNorm is taken of the stored (rounded) x_new, the op's
 // documented semantics.
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <random>
-#include <vector>
-
 #include "cpu/gated_residual.h"
 #include "tests/check.h"
 
 using namespace dit_fast;
-using dit_test::as_double;
-using dit_test::rel_err;
-using dit_test::same_bits;
-
-// Tolerances relative to the tensor's max.
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> : dit_test::Storage<float> { static constexpr double fwd_tol = 1e-5, bwd_tol = 2e-5; };
-template <>
-struct Traits<double> : dit_test::Storage<double> { static constexpr double fwd_tol = 1e-12, bwd_tol = 1e-11; };
-template <>
-struct Traits<bf16> : dit_test::Storage<bf16> { static constexpr double fwd_tol = 1.0 / 128, bwd_tol = 1.0 / 64; };
+using namespace dit_test;
 
 struct Case {
   int64_t N, T, D, rs_mult;  // parameter row stride = rs_mult * D (0: one row broadcast)
@@ -35,7 +16,10 @@ struct Case {
 
 template <typename T>
 void test_case(const Case& c, uint32_t seed) {
-  using Tr = Traits<T>;
+  using Tr = Storage<T>;
+  // relative to the tensor's max
+  const double fwd_tol = per_storage<T>(1e-5, 1e-12, 1.0 / 128),
+               bwd_tol = per_storage<T>(2e-5, 1e-11, 1.0 / 64);
   const char* tname = dtype_name(Tr::dtype);
   using A = typename Tr::A;
   const int64_t N = c.N, Tn = c.T, D = c.D, rows = N * Tn;
@@ -91,12 +75,7 @@ void test_case(const Case& c, uint32_t seed) {
       const double* r = &xnd[row * D];
       for (int64_t i = 0; i < D; ++i)
         r_xn[row * D + i] = Tr::to(x[row * D + i]) + P(n, 0, i) * Tr::to(y[row * D + i]);
-      double m = 0, v = 0;
-      for (int64_t i = 0; i < D; ++i) m += r[i];
-      m /= D;
-      for (int64_t i = 0; i < D; ++i) v += (r[i] - m) * (r[i] - m);
-      v /= D;
-      const double rs_ = 1.0 / std::sqrt(v + eps);
+      const auto [m, rs_] = row_stats(r, D, eps);
       r_mean[row] = m, r_rstd[row] = rs_;
       double sg = 0, sgx = 0;
       for (int64_t i = 0; i < D; ++i) {
@@ -119,16 +98,16 @@ void test_case(const Case& c, uint32_t seed) {
 #define EXPECT_ERR(e, tol, what)                                                               \
   CHECK((e) <= (tol), "%s %s N=%lld T=%lld D=%lld rs=%lld: %s rel err %.3g > %.3g", tname, isa, \
         (long long)N, (long long)Tn, (long long)D, (long long)c.rs_mult, what, (e), (tol))
-  EXPECT_ERR(rel_err(xnd, r_xn), Tr::fwd_tol / 2, "x_new");
-  EXPECT_ERR(rel_err(as_double(h), r_h), Tr::fwd_tol, "h");
+  EXPECT_ERR(rel_err(xnd, r_xn), fwd_tol / 2, "x_new");
+  EXPECT_ERR(rel_err(as_double(h), r_h), fwd_tol, "h");
   std::vector<double> md(mean.begin(), mean.end()), rd(rstd.begin(), rstd.end());
-  EXPECT_ERR(rel_err(md, r_mean), Tr::fwd_tol, "mean");
-  EXPECT_ERR(rel_err(rd, r_rstd), Tr::fwd_tol, "rstd");
-  EXPECT_ERR(rel_err(as_double(dx), r_dx, dx_scale), Tr::bwd_tol, "dx");
-  EXPECT_ERR(rel_err(as_double(dy), r_dy, dx_scale), Tr::bwd_tol, "dy");
-  EXPECT_ERR(rel_err(as_double(dg), r_dg), Tr::bwd_tol, "dgate");
-  EXPECT_ERR(rel_err(as_double(ds), r_ds), Tr::bwd_tol, "dshift");
-  EXPECT_ERR(rel_err(as_double(dc), r_dc), Tr::bwd_tol, "dscale");
+  EXPECT_ERR(rel_err(md, r_mean), fwd_tol, "mean");
+  EXPECT_ERR(rel_err(rd, r_rstd), fwd_tol, "rstd");
+  EXPECT_ERR(rel_err(as_double(dx), r_dx, dx_scale), bwd_tol, "dx");
+  EXPECT_ERR(rel_err(as_double(dy), r_dy, dx_scale), bwd_tol, "dy");
+  EXPECT_ERR(rel_err(as_double(dg), r_dg), bwd_tol, "dgate");
+  EXPECT_ERR(rel_err(as_double(ds), r_ds), bwd_tol, "dshift");
+  EXPECT_ERR(rel_err(as_double(dc), r_dc), bwd_tol, "dscale");
 
   // dx_new absent == dx_new of zeros
   {
@@ -172,8 +151,8 @@ void test_case(const Case& c, uint32_t seed) {
           w_dy[k] = P(n, 0, i) * Tr::to(dh[k]);
           w_dg[n * D + i] += Tr::to(dh[k]) * Tr::to(y[k]);
         }
-    EXPECT_ERR(rel_err(as_double(pdy), w_dy), Tr::fwd_tol, "plain dy");
-    EXPECT_ERR(rel_err(as_double(pdg), w_dg), Tr::bwd_tol, "plain dgate");
+    EXPECT_ERR(rel_err(as_double(pdy), w_dy), fwd_tol, "plain dy");
+    EXPECT_ERR(rel_err(as_double(pdg), w_dg), bwd_tol, "plain dgate");
     std::vector<T> pdg3(N * D), pdy3(rows * D);
     cpu::gated_residual_bwd(Tr::dtype, dh.data(), y.data(), gate, p_rs, pdy3.data(), pdg3.data(), N,
                             Tn, D, 3);
@@ -189,10 +168,10 @@ int main() {
       {3, 7, 1152, 6}, {1, 257, 1152, 3}, {3, 1, 1152, 0}, {70, 2, 33, 6},  {2, 0, 16, 3},
       {0, 4, 16, 3},   {4, 9, 17, 0},
   };
-  dit_test::for_each_isa([&](cpu::Isa) {
+  for_each_isa([&](cpu::Isa) {
     uint32_t seed = 1;
     for (const Case& c : cases) {
-      dit_test::for_each_storage([&](auto t) { test_case<decltype(t)>(c, seed); });
+      for_each_storage([&](auto t) { test_case<decltype(t)>(c, seed); });
       ++seed;
     }
   });

@@ -13,14 +13,11 @@
 #include "tests/cuda_test_util.cuh"
 
 using namespace dit_fast;
-using cuda_test::Dev;
-using cuda_test::max_rel;
+using namespace cuda_test;
 
-template <typename S>
-void run_case(const int64_t (&shape)[4], double tol) {
-  using H = cuda_test::Host<S>;
-  using C = typename H::C;
-  using A = typename H::A;
+template <typename S, typename H = Host<S>, typename C = typename H::C, typename A = typename H::A>
+void run_case(const int64_t (&shape)[4]) {
+  const double tol = per_host<S>(2e-5, 1e-12, 1.0 / 64, 4e-3);
   const DType dt = H::dt, cpu_dt = H::cpu_dt;
   const int64_t N = shape[0], T = shape[1], D = shape[2], rs_mult = shape[3];
   std::mt19937 rng(static_cast<uint32_t>(N * 131 + T * 7 + D));
@@ -34,7 +31,6 @@ void run_case(const int64_t (&shape)[4], double tol) {
   for (auto* v : {&y, &dh, &dxn})
     for (auto& e : *v) e = H::from(nd(rng));
   for (auto& v : par) v = H::from(0.5f * nd(rng));
-  using cuda_test::cpu_copy;
   std::vector<C> cx = cpu_copy(x), cy = cpu_copy(y), cdh = cpu_copy(dh), cdxn = cpu_copy(dxn),
                  cpar = cpu_copy(par);
   std::vector<C> rxn(rows * D), rh(rows * D), rdx(rows * D), rdy(rows * D), rdg(N * D), rds(N * D),
@@ -65,8 +61,8 @@ void run_case(const int64_t (&shape)[4], double tol) {
   CUDA_OK(cuda::gated_residual_fwd(dt, gx.p, gy.p, gpar.p, prs, gout.p, N, T, D, nullptr));
   CUDA_OK(cuda::gated_residual_bwd(dt, gdh.p, gy.p, gpar.p, prs, gpdy.p, gpdg.p, N, T, D, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
-  cuda_test::expect_within(
-      cuda_test::format("%s N=%lld T=%lld D=%lld", dtype_name(dt), (long long)N, (long long)T,
+  expect_within(
+      format("%s N=%lld T=%lld D=%lld", dtype_name(dt), (long long)N, (long long)T,
                         (long long)D),
       tol, {{"x_new", max_rel(gxn.get(), rxn)}, {"h", max_rel(gh.get(), rh)},
             {"mean", max_rel(gm.get(), rm)}, {"rstd", max_rel(gr.get(), rr)},
@@ -77,17 +73,12 @@ void run_case(const int64_t (&shape)[4], double tol) {
 }
 
 int main() {
-  if (!cuda_test::have_gpu("test_gated_residual_cuda")) return 77;
+  if (!have_gpu("test_gated_residual_cuda")) return 77;
   const int64_t shapes[][4] = {{1, 1, 72, 3},   {3, 7, 72, 6}, {1, 257, 1152, 6}, {3, 7, 1000, 3},
                                {2, 3, 1, 3},    {2, 0, 16, 3}, {1, 2, 20000, 3}, {2, 3, 5001, 3},
                                {2, 5, 36, 4}};
   // D 20000 (fp32 / fp64) and 5001 (odd: element-wise): rows too long to hold in registers;
   // D 36: 16-byte vectors for fp32 / fp64 only
-  for (const auto& s : shapes) {
-    run_case<float>(s, 2e-5);
-    run_case<double>(s, 1e-12);
-    run_case<bf16>(s, 1.0 / 64);
-    run_case<__half>(s, 4e-3);
-  }
+  for (const auto& s : shapes) for_each_host([&](auto t) { run_case<decltype(t)>(s); });
   return dit_test::finish("test_gated_residual_cuda");
 }

@@ -2,14 +2,7 @@
 // (0.5 v (1 + tanh(u)), torch's formula): forward and backward (dh, dbias), fp32 / fp64 / bf16,
 // every compiled ISA path, row tails (F not a multiple of 8), in-place forward, dh aliasing dout,
 // extreme inputs, thread-count independence (bitwise); plus the accuracy of the AVX2 exp.
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
 #include <limits>
-#include <random>
-#include <type_traits>
-#include <vector>
 
 #include "common/gelu.h"
 #include "cpu/gelu.h"
@@ -17,17 +10,7 @@
 #include "tests/check.h"
 
 using namespace dit_fast;
-
-// |err| <= rtol |want| + atol * scale, scale = max(1, |v|) (see test_case); bf16: one rounding of
-// an fp32 result.
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> : dit_test::Storage<float> { static constexpr double rtol = 2e-6, atol = 2e-7; };
-template <>
-struct Traits<double> : dit_test::Storage<double> { static constexpr double rtol = 1e-13, atol = 1e-15; };
-template <>
-struct Traits<bf16> : dit_test::Storage<bf16> { static constexpr double rtol = 1.0 / 256, atol = 1e-6; };
+using namespace dit_test;
 
 double ref_gelu(double v) {
   const double u = gelu::kBeta * (v + gelu::kKappa * v * v * v);
@@ -43,13 +26,16 @@ template <typename T>
 std::vector<T> random_vec(size_t n, std::mt19937& rng, double sd, double mean = 0.0) {
   std::normal_distribution<double> nd(mean, sd);
   std::vector<T> v(n);
-  for (auto& x : v) x = Traits<T>::from(nd(rng));
+  for (auto& x : v) x = Storage<T>::from(nd(rng));
   return v;
 }
 
 template <typename T>
 void test_case(int64_t M, int64_t F, uint32_t seed) {
-  using Tr = Traits<T>;
+  using Tr = Storage<T>;
+  // |err| <= rtol |want| + atol * scale, scale = max(1, |v|); bf16: one rounding of an fp32 result
+  const double rtol = per_storage<T>(2e-6, 1e-13, 1.0 / 256),
+               atol = per_storage<T>(2e-7, 1e-15, 1e-6);
   std::mt19937 rng(seed);
   std::vector<T> h = random_vec<T>(M * F, rng, 2.5), bias = random_vec<T>(F, rng, 0.5),
                  dout = random_vec<T>(M * F, rng, 1.0);
@@ -75,11 +61,11 @@ void test_case(int64_t M, int64_t F, uint32_t seed) {
       want_db[f] += g;
       const double scale = std::fmax(1.0, std::fabs(vr));
       const double ey = std::fabs(Tr::to(out[i]) - y), eg = std::fabs(Tr::to(dh[i]) - g);
-      if (!(ey <= Tr::rtol * std::fabs(y) + Tr::atol * scale) && bad++ < 5)
+      if (!(ey <= rtol * std::fabs(y) + atol * scale) && bad++ < 5)
         CHECK(false, "%s M=%lld F=%lld: gelu(%.9g) = %.9g, want %.9g", isa, (long long)M,
               (long long)F, vr, Tr::to(out[i]), y);
       const double gs = std::fabs(Tr::to(dout[i])) * scale;
-      if (!(eg <= Tr::rtol * std::fabs(g) + 4 * Tr::atol * gs) && bad++ < 5)
+      if (!(eg <= rtol * std::fabs(g) + 4 * atol * gs) && bad++ < 5)
         CHECK(false, "%s M=%lld F=%lld: dh at v=%.9g = %.9g, want %.9g", isa, (long long)M,
               (long long)F, vr, Tr::to(dh[i]), g);
     }
@@ -136,10 +122,10 @@ int main() {
   // is exactly zero.
   const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
   const float h[8] = {0.0f, inf, nan, -50.0f, -1e30f, 1e30f, 3.0f, -0.5f}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  dit_test::for_each_isa([&](cpu::Isa isa) {
+  for_each_isa([&](cpu::Isa isa) {
     uint32_t seed = 1;
     for (const auto& s : shapes) {
-      dit_test::for_each_storage([&](auto t) { test_case<decltype(t)>(s[0], s[1], seed); });
+      for_each_storage([&](auto t) { test_case<decltype(t)>(s[0], s[1], seed); });
       ++seed;
     }
     float o[8];

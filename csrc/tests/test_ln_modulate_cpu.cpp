@@ -1,30 +1,11 @@
 // CPU ln_modulate kernels vs a naive double-precision reference: forward (y, mean, rstd) and
 // backward (dx, dshift, dscale), for fp32 / fp64 / bf16, every compiled ISA path, strided
 // shift/scale rows, edge shapes, and thread-count independence (bitwise).
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <random>
-#include <vector>
-
 #include "cpu/ln_modulate.h"
 #include "tests/check.h"
 
 using namespace dit_fast;
-using dit_test::as_double;
-using dit_test::rel_err;
-using dit_test::same_bits;
-
-// Tolerances relative to the row / tensor scale.
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> : dit_test::Storage<float> { static constexpr double fwd_tol = 1e-5, bwd_tol = 2e-5; };
-template <>
-struct Traits<double> : dit_test::Storage<double> { static constexpr double fwd_tol = 1e-12, bwd_tol = 1e-11; };
-template <>
-struct Traits<bf16> : dit_test::Storage<bf16> { static constexpr double fwd_tol = 1.0 / 256, bwd_tol = 1.0 / 128; };
+using namespace dit_test;
 
 struct Case {
   int64_t N, T, D, stride_mult;  // shift/scale row stride = stride_mult * D
@@ -39,7 +20,7 @@ struct Data {
 
 template <typename T>
 Data<T> make_data(const Case& c, uint32_t seed) {
-  using Tr = Traits<T>;
+  using Tr = Storage<T>;
   Data<T> d;
   d.N = c.N, d.T_ = c.T, d.D = c.D;
   d.srs = std::max<int64_t>(c.stride_mult * c.D, 2 * c.D);
@@ -80,12 +61,7 @@ Ref reference(int64_t N, int64_t T, int64_t D, const std::vector<double>& x,
       const int64_t row = n * T + t;
       const double* xr = &x[row * D];
       const double* dyr = &dy[row * D];
-      double m = 0, v = 0;
-      for (int64_t i = 0; i < D; ++i) m += xr[i];
-      m /= D;
-      for (int64_t i = 0; i < D; ++i) v += (xr[i] - m) * (xr[i] - m);
-      v /= D;
-      const double rs = 1.0 / std::sqrt(v + eps);
+      const auto [m, rs] = row_stats(xr, D, eps);
       r.mean[row] = m, r.rstd[row] = rs;
       double sg = 0, sgx = 0;
       for (int64_t i = 0; i < D; ++i) {
@@ -106,7 +82,7 @@ Ref reference(int64_t N, int64_t T, int64_t D, const std::vector<double>& x,
 
 template <typename T>
 struct Out {
-  using A = typename Traits<T>::A;
+  using A = typename Storage<T>::A;
   std::vector<T> y, dx, dshift, dscale;
   std::vector<A> mean, rstd;
 };
@@ -119,10 +95,10 @@ Out<T> run(const Data<T>& d, double eps, int threads) {
   o.mean.resize(N * Tn), o.rstd.resize(N * Tn);
   const T* shift = d.mod.data();
   const T* scale = d.mod.data() + D;
-  Status s = cpu::ln_modulate_fwd(Traits<T>::dtype, d.x.data(), shift, d.srs, scale, d.srs,
+  Status s = cpu::ln_modulate_fwd(Storage<T>::dtype, d.x.data(), shift, d.srs, scale, d.srs,
                                   o.y.data(), o.mean.data(), o.rstd.data(), N, Tn, D, eps, threads);
   CHECK(s == Status::kOk, "fwd status %s", status_name(s));
-  s = cpu::ln_modulate_bwd(Traits<T>::dtype, d.dy.data(), d.x.data(), scale, d.srs, o.mean.data(),
+  s = cpu::ln_modulate_bwd(Storage<T>::dtype, d.dy.data(), d.x.data(), scale, d.srs, o.mean.data(),
                            o.rstd.data(), o.dx.data(), o.dshift.data(), o.dscale.data(), N, Tn, D,
                            threads);
   CHECK(s == Status::kOk, "bwd status %s", status_name(s));
@@ -131,7 +107,10 @@ Out<T> run(const Data<T>& d, double eps, int threads) {
 
 template <typename T>
 void test_case(const Case& c, uint32_t seed) {
-  using Tr = Traits<T>;
+  using Tr = Storage<T>;
+  // relative to the row / tensor scale
+  const double fwd_tol = per_storage<T>(1e-5, 1e-12, 1.0 / 256),
+               bwd_tol = per_storage<T>(2e-5, 1e-11, 1.0 / 128);
   const double eps = 1e-6;
   Data<T> d = make_data<T>(c, seed);
   Ref r = reference(c.N, c.T, c.D, d.xd, d.dyd, d.shiftd, d.scaled, eps);
@@ -146,12 +125,12 @@ void test_case(const Case& c, uint32_t seed) {
   CHECK((e) <= (tol), "%s %s N=%lld T=%lld D=%lld stride=%lld: %s rel err %.3g > %.3g", tname, \
         isa, (long long)c.N, (long long)c.T, (long long)c.D, (long long)c.stride_mult, what,   \
         (e), (tol))
-  EXPECT_ERR(e_y, Tr::fwd_tol, "y");
-  EXPECT_ERR(e_m, Tr::fwd_tol, "mean");
-  EXPECT_ERR(e_r, Tr::fwd_tol, "rstd");
-  EXPECT_ERR(e_dx, Tr::bwd_tol, "dx");
-  EXPECT_ERR(e_ds, Tr::bwd_tol, "dshift");
-  EXPECT_ERR(e_dc, Tr::bwd_tol, "dscale");
+  EXPECT_ERR(e_y, fwd_tol, "y");
+  EXPECT_ERR(e_m, fwd_tol, "mean");
+  EXPECT_ERR(e_r, fwd_tol, "rstd");
+  EXPECT_ERR(e_dx, bwd_tol, "dx");
+  EXPECT_ERR(e_ds, bwd_tol, "dshift");
+  EXPECT_ERR(e_dc, bwd_tol, "dscale");
 #undef EXPECT_ERR
   // Thread-count independence: bitwise identical with 2 and 3 threads.
   for (int threads : {2, 3}) {
@@ -172,10 +151,10 @@ int main() {
   };
   std::printf("openmp=%d default_threads=%d auto_isa=%s\n", (int)cpu::has_openmp(),
               cpu::default_num_threads(), cpu::isa_name(cpu::active_isa()));
-  dit_test::for_each_isa([&](cpu::Isa) {
+  for_each_isa([&](cpu::Isa) {
     uint32_t seed = 1;
     for (const Case& c : cases) {
-      dit_test::for_each_storage([&](auto t) { test_case<decltype(t)>(c, seed); });
+      for_each_storage([&](auto t) { test_case<decltype(t)>(c, seed); });
       ++seed;
     }
   });

@@ -1,7 +1,7 @@
 // CUDA ln_modulate kernels vs the CPU kernels (themselves tested against a double-precision
 // reference in test_ln_modulate_cpu.cpp). Exits 77 (ctest: skipped) when no GPU is visible.
 // fp32 / fp64 / bf16 compare with the CPU kernel on identical inputs; fp16 compares with the CPU
-// fp32 kernel run on the fp16-rounded inputs (cuda_test::Host).
+// fp32 kernel run on the fp16-rounded inputs (Host).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -13,14 +13,11 @@
 #include "tests/cuda_test_util.cuh"
 
 using namespace dit_fast;
-using cuda_test::Dev;
-using cuda_test::max_rel;
+using namespace cuda_test;
 
-template <typename S>
-void run_case(const int64_t (&shape)[4], double tol) {
-  using H = cuda_test::Host<S>;
-  using C = typename H::C;
-  using A = typename H::A;
+template <typename S, typename H = Host<S>, typename C = typename H::C, typename A = typename H::A>
+void run_case(const int64_t (&shape)[4]) {
+  const double tol = per_host<S>(2e-5, 1e-12, 1.0 / 128, 2e-3);
   const int64_t N = shape[0], T = shape[1], D = shape[2], stride_mult = shape[3];
   std::mt19937 rng(static_cast<uint32_t>(N * 131 + T * 7 + D));
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -34,8 +31,8 @@ void run_case(const int64_t (&shape)[4], double tol) {
   for (auto& v : mod) v = H::from(0.5f * nd(rng));
 
   // CPU reference on the same values.
-  std::vector<C> cx = cuda_test::cpu_copy(x), cdy = cuda_test::cpu_copy(dy),
-                 cmod = cuda_test::cpu_copy(mod);
+  std::vector<C> cx = cpu_copy(x), cdy = cpu_copy(dy),
+                 cmod = cpu_copy(mod);
   std::vector<C> ry(rows * D), rdx(rows * D), rds(N * D), rdc(N * D);
   std::vector<A> rm(rows), rr(rows);
   cpu::ln_modulate_fwd(H::cpu_dt, cx.data(), cmod.data(), srs, cmod.data() + D, srs, ry.data(),
@@ -52,8 +49,8 @@ void run_case(const int64_t (&shape)[4], double tol) {
   CUDA_OK(cuda::ln_modulate_bwd(H::dt, gdy.p, gx.p, gmod.p + D, srs, gm.p, gr.p, gdx.p, gds.p,
                                 gdc.p, N, T, D, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
-  cuda_test::expect_within(
-      cuda_test::format("%s N=%lld T=%lld D=%lld", dtype_name(H::dt), (long long)N, (long long)T,
+  expect_within(
+      format("%s N=%lld T=%lld D=%lld", dtype_name(H::dt), (long long)N, (long long)T,
                         (long long)D),
       tol, {{"y", max_rel(gy.get(), ry)}, {"mean", max_rel(gm.get(), rm)},
             {"rstd", max_rel(gr.get(), rr)}, {"dx", max_rel(gdx.get(), rdx)},
@@ -61,17 +58,12 @@ void run_case(const int64_t (&shape)[4], double tol) {
 }
 
 int main() {
-  if (!cuda_test::have_gpu("test_ln_modulate_cuda")) return 77;
+  if (!have_gpu("test_ln_modulate_cuda")) return 77;
   const int64_t shapes[][4] = {{1, 1, 72, 1},    {3, 7, 72, 6},   {1, 257, 1152, 6},
                                {3, 7, 1000, 2},  {2, 3, 1, 1},    {2, 0, 16, 1},
                                {1, 2, 20000, 1}, {2, 3, 5001, 1}, {2, 5, 36, 3}};
   // D 20000 (fp32 / fp64) and 5001 (odd: element-wise): rows too long to hold in registers;
   // D 36: 16-byte vectors for fp32 / fp64 only
-  for (const auto& s : shapes) {
-    run_case<float>(s, 2e-5);
-    run_case<double>(s, 1e-12);
-    run_case<bf16>(s, 1.0 / 128);
-    run_case<__half>(s, 2e-3);
-  }
+  for (const auto& s : shapes) for_each_host([&](auto t) { run_case<decltype(t)>(s); });
   return dit_test::finish("test_ln_modulate_cuda");
 }
