@@ -33,12 +33,14 @@ def shape_id(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def backend_devices(*only: str):
+def backend_devices(*only: str, slow=()):
     """pytest params (backend, device of the tensors it is tested on), id "backend-device", for every
-    backend (or those in `only`); the CUDA ones carry the GPU marks."""
+    backend (or those in `only`); the CUDA ones carry the GPU marks, the CPU ones of the backends in
+    `slow` the slow mark."""
     pairs = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu" if INTERPRET else "cuda"),
              ("cuda", "cuda")] + ([("reference", "cuda")] if HAS_CUDA else [])
-    return [pytest.param(b, d, id=f"{b}-{d}", marks=GPU if d == "cuda" else ())
+    return [pytest.param(b, d, id=f"{b}-{d}", marks=GPU if d == "cuda" else
+                         (pytest.mark.slow,) if b in slow else ())
             for b, d in pairs if not only or b in only]
 
 

@@ -84,8 +84,8 @@ def check_rule(name, got, sdpa, truth, dtype, K, factor=2.0, dot_eps=FP32_EPS):
 
 # ---- CPU backends (C++ kernel; reference) ---------------------------------------------------
 
-CPU_SHAPES = [(1, 1, 2, 64), (2, 7, 3, 64), (1, 65, 2, 72), (2, 257, 1, 64), (1, 16, 4, 72),
-              (1, 9, 2, 40)]
+CPU_SHAPES = [(1, 1, 2, 64), (2, 7, 3, 64), (1, 65, 2, 72),
+              pytest.param((2, 257, 1, 64), marks=pytest.mark.slow), (1, 16, 4, 72), (1, 9, 2, 40)]
 CPU_DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -127,6 +127,7 @@ def test_reference_custom_op_kernels_flash_rule(dtype):
     check_rule("dqkv", A._bwd_reference(dout, qkv, out, lse, H), g_sdpa, g_true, dtype, max(T, Dh))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_gradcheck_float64(backend):
     require(OP, backend, "cpu", torch.float64)
@@ -258,6 +259,10 @@ def test_native_op_checks_name_the_argument(match, fn):
 
 TRITON_SHAPES = [(1, 1, 1, 64), (2, 7, 2, 64), (1, 65, 1, 72), (1, 130, 2, 72), (1, 33, 1, 128)]
 TRITON_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# (dtype, shape); under the interpreter fp32 (IEEE dots) and T >= 65 take seconds each: slow tier
+TRITON_CASES = [pytest.param(dt, s, id=f"{dtype_id(dt)}-{shape_id(s)}",
+                             marks=pytest.mark.slow if dt == torch.float32 or s[1] >= 65 else ())
+                for s in TRITON_SHAPES for dt in TRITON_DTYPES]
 
 
 def _triton_device():
@@ -281,8 +286,7 @@ def _triton_fwd_bwd(qkv, H, dout, **blocks):
     return out, T.attention_bwd(dout, qkv, out, lse, H, **blocks)
 
 
-@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=shape_id)
-@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype,shape", TRITON_CASES)
 def test_triton_flash_rule(dtype, shape):
     device = _triton_device()
     N, T, H, Dh = shape
@@ -298,6 +302,7 @@ def test_triton_flash_rule(dtype, shape):
     check_rule("dqkv", g, g_sdpa, g_true, dtype, max(T, Dh))
 
 
+@pytest.mark.slow
 def test_triton_small_blocks_mask_partial_tiles_and_strides():
     """Blocks of 16 over T = 37 (partial last query and key tiles, several key blocks) with a
     padded-row qkv, checked against the fp64 truth; also the lse."""
@@ -318,6 +323,7 @@ def test_triton_small_blocks_mask_partial_tiles_and_strides():
     torch.testing.assert_close(g.double(), g_true, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_triton_fp32_dot_precision_follows_torch_tf32_settings(monkeypatch):
     """fp32 attention runs "ieee" products by default and TF32 tensor cores when PyTorch allows
     TF32 for fp32 matmuls (allow_tf32, or float32 matmul precision "high" / "medium"); fp16 /
@@ -421,6 +427,7 @@ def test_head_dim_and_flash_attn_reasons(monkeypatch):
 
 # ---- torch.library / torch.compile ----------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_opcheck_custom_ops(backend):
     require(OP, backend, "cpu")

@@ -18,10 +18,10 @@ from dit_fast._backends import use_backend
 from dit_fast.ops import (gated_residual, gated_residual_ln_modulate,
                           gated_residual_ln_modulate_ref, gated_residual_ref, ln_modulate_ref)
 from dit_fast.tolerances import assert_close
-from op_helpers import (ALL_OPCHECK, BACKEND_DEVICES, QUICK_OPCHECK,
+from op_helpers import (ALL_OPCHECK, BACKEND_DEVICES, FULL_OPCHECK_BACKEND, QUICK_OPCHECK,
                         assert_auto_picks_no_interpreter, assert_thread_count_independent,
-                        compile_and_trace, each_backend_dtype_shape, each_cpu_isa, empty_row_inputs,
-                        match_cases, needs_c, opcheck_utils, require, shape_for)
+                        backend_devices, compile_and_trace, each_backend_dtype_shape, each_cpu_isa,
+                        empty_row_inputs, match_cases, needs_c, opcheck_utils, require, shape_for)
 
 G = importlib.import_module("dit_fast.ops.gated_residual")
 OP, OP_PLAIN = G.OP_NAME, G.OP_NAME_PLAIN
@@ -176,6 +176,7 @@ def test_gradients_with_one_output_used(backend, device, which):
         assert_close(got.grad, w, kind="grad", msg=f"{name} {backend} {which}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_gradcheck_float64(backend):
     require(OP, backend, "cpu", torch.float64)
@@ -212,7 +213,7 @@ def _opcheck_backwards(fused_bwd, plain_bwd, fwd, y, gate, scale, utils):
     torch.library.opcheck(plain_bwd, (d, y, gate), test_utils=utils)
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", backend_devices(slow=(FULL_OPCHECK_BACKEND,)))
 def test_opcheck_custom_ops(backend, device):
     require(OP, backend, device)
     utils = opcheck_utils(backend)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dit_fast._backends import use_backend
 from dit_fast.ops import gelu_bias, gelu_bias_ref, linear_gelu, linear_gelu_ref
 from dit_fast.tolerances import assert_close
-from op_helpers import (ALL_OPCHECK, BACKEND_DEVICES, DTYPES, QUICK_OPCHECK,
+from op_helpers import (ALL_OPCHECK, BACKEND_DEVICES, DTYPES, FULL_OPCHECK_BACKEND, QUICK_OPCHECK,
                         assert_auto_picks_no_interpreter, assert_thread_count_independent,
                         backend_devices, compile_and_trace, dtype_id, each_backend_dtype_shape,
                         each_cpu_isa, match_cases, needs_c, opcheck_utils, require)
@@ -204,7 +204,7 @@ def test_linear_gelu_matches_dit_mlp_fc1_act():
 
 # ---- torch.library / torch.compile ----------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", backend_devices(slow=(FULL_OPCHECK_BACKEND,)))
 def test_opcheck_custom_ops(backend, device):
     require(OP, backend, device)
     utils = opcheck_utils(backend)

@@ -28,9 +28,10 @@ from op_helpers import assert_thread_count_independent, needs_c
 
 pytestmark = needs_c
 
-SHAPES = [  # (M, K, N)
+SHAPES = [  # (M, K, N); DiT-sized ones in the slow tier
     (1, 7, 3), (5, 384, 17), (6, 16, 16), (67, 72, 100), (97, 257, 33),
-    (300, 1000, 1152), (2048, 384, 1152), (49, 1536, 384), (13, 1, 5),
+    pytest.param(300, 1000, 1152, marks=pytest.mark.slow),
+    pytest.param(2048, 384, 1152, marks=pytest.mark.slow), (49, 1536, 384), (13, 1, 5),
 ]
 
 

@@ -14,9 +14,9 @@ from dit_fast._backends import use_backend
 from dit_fast.ops import ln_modulate, ln_modulate_ref
 from dit_fast.tolerances import assert_close
 from error_rule import error_floor
-from op_helpers import (BACKEND_DEVICES, HAS_C, assert_thread_count_independent, compile_and_trace,
-                        each_backend_dtype_shape, each_cpu_isa, empty_row_inputs, match_cases,
-                        needs_c, require, shape_for)
+from op_helpers import (BACKEND_DEVICES, HAS_C, assert_thread_count_independent, backend_devices,
+                        compile_and_trace, each_backend_dtype_shape, each_cpu_isa, empty_row_inputs,
+                        match_cases, needs_c, require, shape_for)
 
 L = importlib.import_module("dit_fast.ops.ln_modulate")  # the module (the package re-exports the function)
 OP = L.OP_NAME
@@ -133,6 +133,7 @@ def test_gradients_match_reference(backend, device, dtype, shape):
         assert_close(got.grad, want.grad, kind="grad", msg=f"{name} {backend} {dtype} {shape}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_gradcheck_float64(backend, device):
     require(OP, backend, device, torch.float64)
@@ -157,7 +158,7 @@ def test_backends_can_be_mixed_between_forward_and_backward():
 
 # ---- torch.library / torch.compile ----------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", backend_devices(slow=("reference",)))
 def test_opcheck_custom_op(backend, device):
     require(OP, backend, device)
     x, shift, scale = make_inputs(2, 5, 72, device=device)
@@ -195,6 +196,7 @@ def test_torch_compile_fullgraph():
         assert_close(got.grad, want.grad, kind="grad")
 
 
+@pytest.mark.slow
 def test_torch_compile_inductor_forward():
     x, shift, scale = make_inputs(2, 5, 72)
     compiled = torch.compile(lambda a, b, c: ln_modulate(a, b, c) + 1, fullgraph=True)

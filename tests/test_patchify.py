@@ -13,10 +13,11 @@ import torch
 
 from dit_fast._backends import use_backend
 from dit_fast.ops import patch_embed, patch_embed_ref, unpatchify, unpatchify_ref
-from op_helpers import (BACKEND_DEVICES, HAS_C, assert_auto_picks_no_interpreter,
-                        assert_thread_count_independent, compile_and_trace, each_backend_dtype_shape,
-                        each_cpu_isa, interpreted, match_cases, needs_c, require, shape_id)
 from dit_fast.tolerances import assert_close, tol
+from op_helpers import (BACKEND_DEVICES, HAS_C, assert_auto_picks_no_interpreter,
+                        assert_thread_count_independent, compile_and_trace,
+                        each_backend_dtype_shape, each_cpu_isa, interpreted, match_cases, needs_c,
+                        require, shape_id)
 
 P = importlib.import_module("dit_fast.ops.patchify")
 OP, OP_U = P.OP_PATCH_EMBED, P.OP_UNPATCHIFY
@@ -126,6 +127,7 @@ def test_backward_partial_and_pos_grad(backend, device):
     assert_close(w.grad, wr.grad, kind="grad")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_gradcheck_float64(backend):
     require(OP, backend, "cpu", torch.float64)
@@ -241,6 +243,7 @@ def test_unpatchify_gradcheck(backend):
 
 # ---- torch.library / torch.compile ------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_opcheck_custom_ops(backend, device):
     require(OP, backend, device)
