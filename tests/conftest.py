@@ -1,3 +1,12 @@
+"""pytest configuration of the test suite. Tiers (markers registered in pyproject.toml):
+
+    python -m pytest -q -m "not slow"       # everyday work: under 2 minutes on 2 idle cores
+    python -m pytest -q                     # everything (CI)
+    python -m pytest -q -m gpu              # the tests that need a CUDA device
+    python -m pytest -q --durations=30      # ... and list the 30 slowest tests
+
+A test that takes seconds on a CPU-only machine is marked `slow` where it is defined.
+"""
 import functools
 import os
 import re
@@ -28,8 +37,18 @@ def golden():
     return _golden()
 
 
-# A skip reason that says a test needs a GPU (the skipif marks of GPU-only tests).
-_NEEDS_GPU = re.compile(r"GPU|no CUDA device")
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test (tiny runs are faster without threads on a shared machine);
+    a module takes it for every test with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# A skip reason that says a test needs a GPU ("needs a GPU", "need a GPU", "no CUDA device").
+_NEEDS_GPU = re.compile(r"\bneeds? a GPU\b|\bno CUDA device\b")
 
 
 def pytest_collection_modifyitems(config, items):
