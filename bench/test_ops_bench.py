@@ -9,11 +9,9 @@ The `reference` backend (plain PyTorch) is the baseline of each op; the `cpu` / 
 the fused kernels. Each benchmark first checks its output against the PyTorch reference (so a broken
 kernel is not timed), then records extra_info: the bytes the op must move at least (GB/s = bytes /
 median time) and, for ops with matmul work, TFLOP/s. Backends that cannot run an op here are skipped
-with the registry's reason; the Triton interpreter (CPU) is not benchmarked. Ops that are not in this
-checkout (gated_residual, gelu) are skipped.
+with the registry's reason; the Triton interpreter (CPU) is not benchmarked.
 """
 import importlib
-import importlib.util
 
 import pytest
 import torch
@@ -40,20 +38,6 @@ def _require(op, backend, tensor):
     reason = _backends.explain(op, tensor).get(backend)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
-
-
-def _ops_module(name):
-    """dit_fast.ops.<name>, or a skip when this checkout does not have it."""
-    if importlib.util.find_spec(f"dit_fast.ops.{name}") is None:
-        pytest.skip(f"dit_fast.ops.{name} is not in this checkout")
-    return importlib.import_module(f"dit_fast.ops.{name}")
-
-
-def _api(module, *names):
-    fns = [getattr(module, n, None) for n in names]
-    if any(f is None for f in fns):
-        pytest.skip(f"{module.__name__} has no {', '.join(n for n, f in zip(names, fns) if f is None)}")
-    return fns
 
 
 def _bench(benchmark, backend, fn, ref, *, nbytes, flop=0):
@@ -196,22 +180,21 @@ def test_sampler_step(benchmark, backend, dtype, guided):
 @pytest.mark.parametrize("variant", ["plain", "ln_modulate"])
 def test_gated_residual(benchmark, backend, dtype, variant):
     """x + gate * y (plain), or fused with the next LayerNorm + modulate (ln_modulate)."""
-    mod = _ops_module("gated_residual")
+    G = importlib.import_module("dit_fast.ops.gated_residual")  # the module (the package re-exports the function)
     x, y = _randn(N, T, D, dtype=dtype), _randn(N, T, D, dtype=dtype)
     params = _randn(N, 3 * D, dtype=dtype, scale=0.5)
     gate, shift, scale = params[:, :D], params[:, D:2 * D], params[:, 2 * D:]
     es = _esize(dtype)
     if variant == "plain":
-        fn, ref = _api(mod, "gated_residual", "gated_residual_ref")
-        op = getattr(mod, "OP_NAME_PLAIN", "gated_residual")
-        _require(op, backend, x)
-        _bench(benchmark, backend, lambda: fn(x, y, gate), lambda: ref(x.float(), y.float(), gate.float()),
+        _require(G.OP_NAME_PLAIN, backend, x)
+        _bench(benchmark, backend, lambda: G.gated_residual(x, y, gate),
+               lambda: G.gated_residual_ref(x.float(), y.float(), gate.float()),
                nbytes=3 * N * T * D * es)
     else:
-        fn, ref = _api(mod, "gated_residual_ln_modulate", "gated_residual_ln_modulate_ref")
-        _require(getattr(mod, "OP_NAME", "gated_residual_ln_modulate"), backend, x)
-        _bench(benchmark, backend, lambda: tuple(fn(x, y, gate, shift, scale)),
-               lambda: tuple(ref(x.float(), y.float(), gate.float(), shift.float(), scale.float())),
+        _require(G.OP_NAME, backend, x)
+        _bench(benchmark, backend, lambda: tuple(G.gated_residual_ln_modulate(x, y, gate, shift, scale)),
+               lambda: tuple(G.gated_residual_ln_modulate_ref(x.float(), y.float(), gate.float(),
+                                                              shift.float(), scale.float())),
                nbytes=4 * N * T * D * es)
 
 
@@ -220,19 +203,18 @@ def test_gated_residual(benchmark, backend, dtype, variant):
 @pytest.mark.parametrize("variant", ["gelu_bias", "linear_gelu"])
 def test_gelu(benchmark, backend, dtype, variant):
     """The MLP's bias + tanh-GELU epilogue alone (gelu_bias) and with its fc1 GEMM (linear_gelu)."""
-    mod = _ops_module("gelu")
+    GE = importlib.import_module("dit_fast.ops.gelu")
     Fh = 4 * D
     es = _esize(dtype)
     bias = _randn(Fh, dtype=dtype, scale=0.1)
-    _require(getattr(mod, "OP_NAME", "gelu_bias"), backend, bias)
+    _require(GE.OP_NAME, backend, bias)
     if variant == "gelu_bias":
-        fn, ref = _api(mod, "gelu_bias", "gelu_bias_ref")
         h = _randn(N, T, Fh, dtype=dtype)
-        _bench(benchmark, backend, lambda: fn(h, bias), lambda: ref(h.float(), bias.float()),
+        _bench(benchmark, backend, lambda: GE.gelu_bias(h, bias), lambda: GE.gelu_bias_ref(h.float(), bias.float()),
                nbytes=2 * h.numel() * es)
     else:
-        fn, ref = _api(mod, "linear_gelu", "linear_gelu_ref")
         x = _randn(N, T, D, dtype=dtype)
         w = _randn(Fh, D, dtype=dtype, scale=D ** -0.5)
-        _bench(benchmark, backend, lambda: fn(x, w, bias), lambda: ref(x.float(), w.float(), bias.float()),
+        _bench(benchmark, backend, lambda: GE.linear_gelu(x, w, bias),
+               lambda: GE.linear_gelu_ref(x.float(), w.float(), bias.float()),
                nbytes=(x.numel() + w.numel() + N * T * Fh) * es, flop=2 * N * T * D * Fh)

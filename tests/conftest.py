@@ -1,5 +1,15 @@
+"""pytest configuration of the test suite. Tiers (markers registered in pyproject.toml):
+
+    python -m pytest -q -m "not slow"       # everyday work: under 2 minutes on 2 idle cores
+    python -m pytest -q                     # everything (CI)
+    python -m pytest -q -m gpu              # the tests that need a CUDA device
+    python -m pytest -q --durations=30      # ... and list the 30 slowest tests
+
+A test that takes seconds on a CPU-only machine is marked `slow` where it is defined.
+"""
 import functools
 import os
+import re
 from pathlib import Path
 
 # Triton kernels run under Triton's interpreter on machines without a GPU. TRITON_INTERPRET must be
@@ -25,3 +35,25 @@ def _golden():
 def golden():
     """Tensors computed by the official DiT code (see tests/data/README.md)."""
     return _golden()
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test (tiny runs are faster without threads on a shared machine);
+    a module takes it for every test with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# A skip reason that says a test needs a GPU ("needs a GPU", "need a GPU", "no CUDA device").
+_NEEDS_GPU = re.compile(r"\bneeds? a GPU\b|\bno CUDA device\b")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that skip for want of a CUDA device get the `gpu` marker (`-m gpu` / `-m "not gpu"`)."""
+    for item in items:
+        if item.get_closest_marker("gpu") is None and any(
+                _NEEDS_GPU.search(str(m.kwargs.get("reason", ""))) for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)

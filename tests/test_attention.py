@@ -21,7 +21,6 @@ registry's reason.
 
 import importlib
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -30,19 +29,12 @@ from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import attention_qkv, attention_ref
 from error_rule import FP32_EPS, TF32_EPS, error_floor
+from op_helpers import (HAS_C, HAS_CUDA, HAS_TRITON, INTERPRET, assert_thread_count_independent,
+                        compile_and_trace, dtype_id, each_cpu_isa, needs_c, require, shape_id)
 
 A = importlib.import_module("dit_fast.ops.attention")
 OP = A.OP_NAME
-HAS_CUDA = torch.cuda.is_available()
-HAS_C = _backends._probe("cpu") is None
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-TRITON_CPU = HAS_TRITON and INTERPRET and not HAS_CUDA  # interpreter on CPU tensors
-
-needs_c = pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
-
-DT_IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
-SHAPE_IDS = lambda s: "x".join(map(str, s))  # noqa: E731
+TRITON_CPU = HAS_TRITON and INTERPRET  # the interpreter on CPU tensors
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -90,29 +82,20 @@ def check_rule(name, got, sdpa, truth, dtype, K, factor=2.0, dot_eps=FP32_EPS):
     return e / e_sdpa if e_sdpa > 0 else float("nan")
 
 
-def require(backend, device, dtype=torch.float32, qkv=None, H=None):
-    if device == "cuda" and not HAS_CUDA:
-        pytest.skip("no CUDA device")
-    t = torch.empty(0, device=device, dtype=dtype) if qkv is None else A._packed(qkv, H)
-    reason = _backends.explain(OP, t)[backend]
-    if reason is not None:
-        pytest.skip(reason)
-
-
 # ---- CPU backends (C++ kernel; reference) ---------------------------------------------------
 
-CPU_SHAPES = [(1, 1, 2, 64), (2, 7, 3, 64), (1, 65, 2, 72), (2, 257, 1, 64), (1, 16, 4, 72),
-              (1, 9, 2, 40)]
+CPU_SHAPES = [(1, 1, 2, 64), (2, 7, 3, 64), (1, 65, 2, 72),
+              pytest.param((2, 257, 1, 64), marks=pytest.mark.slow), (1, 16, 4, 72), (1, 9, 2, 40)]
 CPU_DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.mark.parametrize("shape", CPU_SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_cpu_forward_and_backward_flash_rule(backend, dtype, shape):
     """Output (eager fast path) and qkv gradient (custom-op path) within 2x SDPA's error."""
     N, T, H, Dh = shape
-    require(backend, "cpu", dtype)
+    require(OP, backend, "cpu", dtype)
     qkv = make_qkv(N, T, H, Dh, dtype)
     dout = make_dout(qkv, H)
     y_true, g_true = truth_fwd_bwd(qkv, H, dout)
@@ -130,7 +113,7 @@ def test_cpu_forward_and_backward_flash_rule(backend, dtype, shape):
     check_rule("dqkv", x.grad, g_sdpa, g_true, dtype, K)
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
 def test_reference_custom_op_kernels_flash_rule(dtype):
     """The explicit-math reference used inside the custom op (torch.compile / mixed backends)."""
     N, T, H, Dh = 2, 33, 2, 72
@@ -144,9 +127,10 @@ def test_reference_custom_op_kernels_flash_rule(dtype):
     check_rule("dqkv", A._bwd_reference(dout, qkv, out, lse, H), g_sdpa, g_true, dtype, max(T, Dh))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_gradcheck_float64(backend):
-    require(backend, "cpu", torch.float64)
+    require(OP, backend, "cpu", torch.float64)
     qkv = make_qkv(2, 5, 2, 8, torch.float64, scale=1.0).requires_grad_()
     with use_backend(backend):
         assert torch.autograd.gradcheck(lambda x: attention_qkv(x, 2), (qkv,))
@@ -158,7 +142,7 @@ def test_gradcheck_float64(backend):
 def test_strided_inputs(backend):
     """qkv with padded rows (a slice of a wider tensor), every other token, or a non-unit last
     stride (copied once) gives the same result as the contiguous tensor."""
-    require(backend, "cpu")
+    require(OP, backend, "cpu")
     N, T, H, Dh = 2, 9, 2, 64
     C = 3 * H * Dh
     wide = make_qkv(N, 2 * T, H, Dh + 4)[..., :C]               # row stride 3*H*(Dh+4)
@@ -179,7 +163,7 @@ def test_strided_inputs(backend):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_empty_inputs(backend):
-    require(backend, "cpu")
+    require(OP, backend, "cpu")
     with use_backend(backend):
         for N, T in ((0, 4), (2, 0)):
             x = torch.randn(N, T, 3 * 2 * 8, requires_grad=True)
@@ -219,41 +203,25 @@ def test_auto_selection_on_cpu():
 
 @needs_c
 def test_every_cpu_isa_path_and_lse():
-    from dit_fast import _C
     qkv = make_qkv(2, 67, 3, 72)
     H = 3
-    out_true, lse_true = A._fwd_reference(qkv.double(), H)
-    prev = _C.set_cpu_isa("auto")
-    try:
-        for isa in _C.supported_cpu_isas():
-            _C.set_cpu_isa(isa)
+    with each_cpu_isa() as isas:
+        for isa in isas:
             # (|out| reaches ~5 here; bf16: one rounding of an fp32-accurate result)
             for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float64, 1e-12)):
                 out, lse = torch.ops.dit_fast.attention_fwd(qkv.to(dtype), H)
                 assert lse.dtype == A._stats_dtype(dtype) and lse.shape == (2, H, 67)
+                assert out.dtype == dtype and out.shape == (2, 67, H * 72)
                 want_out, want_lse = A._fwd_reference(qkv.to(dtype).double(), H)
                 ltol = 1e-12 if dtype == torch.float64 else 1e-5
                 assert err(out, want_out) <= tol * (1 + want_out.abs().max().item()), (isa, dtype)
                 assert err(lse, want_lse) <= ltol * (1 + want_lse.abs().max().item()), (isa, dtype)
-    finally:
-        _C.set_cpu_isa(prev)
-    assert out_true.shape == (2, 67, 216)
 
 
 @needs_c
 def test_cpu_results_independent_of_thread_count():
     qkv = make_qkv(2, 130, 3, 64)
-    prev = torch.get_num_threads()
-    outs = []
-    try:
-        for nt in (1, 2, 3):
-            torch.set_num_threads(nt)
-            outs.append(torch.ops.dit_fast.attention_fwd(qkv, 3))
-    finally:
-        torch.set_num_threads(prev)
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+    assert_thread_count_independent(lambda: torch.ops.dit_fast.attention_fwd(qkv, 3))
 
 
 @needs_c
@@ -291,6 +259,10 @@ def test_native_op_checks_name_the_argument(match, fn):
 
 TRITON_SHAPES = [(1, 1, 1, 64), (2, 7, 2, 64), (1, 65, 1, 72), (1, 130, 2, 72), (1, 33, 1, 128)]
 TRITON_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# (dtype, shape); under the interpreter fp32 (IEEE dots) and T >= 65 take seconds each: slow tier
+TRITON_CASES = [pytest.param(dt, s, id=f"{dtype_id(dt)}-{shape_id(s)}",
+                             marks=pytest.mark.slow if dt == torch.float32 or s[1] >= 65 else ())
+                for s in TRITON_SHAPES for dt in TRITON_DTYPES]
 
 
 def _triton_device():
@@ -314,14 +286,13 @@ def _triton_fwd_bwd(qkv, H, dout, **blocks):
     return out, T.attention_bwd(dout, qkv, out, lse, H, **blocks)
 
 
-@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype,shape", TRITON_CASES)
 def test_triton_flash_rule(dtype, shape):
     device = _triton_device()
     N, T, H, Dh = shape
     qkv = make_qkv(N, T, H, Dh, dtype, device)
     if device == "cuda":
-        require("triton", "cuda", dtype, qkv, H)
+        require(OP, "triton", "cuda", dtype, sample=A._packed(qkv, H))
     dout = make_dout(qkv, H)
     y_true, g_true = truth_fwd_bwd(qkv, H, dout)
     y_sdpa, g_sdpa = sdpa_fwd_bwd(qkv, H, dout)
@@ -331,6 +302,7 @@ def test_triton_flash_rule(dtype, shape):
     check_rule("dqkv", g, g_sdpa, g_true, dtype, max(T, Dh))
 
 
+@pytest.mark.slow
 def test_triton_small_blocks_mask_partial_tiles_and_strides():
     """Blocks of 16 over T = 37 (partial last query and key tiles, several key blocks) with a
     padded-row qkv, checked against the fp64 truth; also the lse."""
@@ -351,6 +323,7 @@ def test_triton_small_blocks_mask_partial_tiles_and_strides():
     torch.testing.assert_close(g.double(), g_true, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_triton_fp32_dot_precision_follows_torch_tf32_settings(monkeypatch):
     """fp32 attention runs "ieee" products by default and TF32 tensor cores when PyTorch allows
     TF32 for fp32 matmuls (allow_tf32, or float32 matmul precision "high" / "medium"); fp16 /
@@ -454,9 +427,10 @@ def test_head_dim_and_flash_attn_reasons(monkeypatch):
 
 # ---- torch.library / torch.compile ----------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_opcheck_custom_ops(backend):
-    require(backend, "cpu")
+    require(OP, backend, "cpu")
     qkv = make_qkv(2, 5, 2, 8)
     with use_backend(backend):
         for rg in (False, True):
@@ -475,20 +449,13 @@ def test_opcheck_native_op():
 
 def test_torch_compile_fullgraph():
     """One opaque custom-op node, no graph break; forward and backward match the truth."""
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     def f(qkv):
         return attention_qkv(qkv, 2) * 2 + 1
 
     qkv = make_qkv(2, 5, 2, 16)
     dout = make_dout(qkv, 2)
     y_true, g_true = truth_fwd_bwd(qkv, 2, dout)
-    y = torch.compile(f, fullgraph=True, backend=capture)(qkv)
-    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    y, targets = compile_and_trace(f, qkv)
     assert torch.ops.dit_fast.attention.default in targets
     torch.testing.assert_close(y.double(), 2 * y_true + 1, atol=1e-5, rtol=1e-5)
     # fwd + bwd through AOT autograd (fake impls, register_autograd, the backward op)

@@ -10,9 +10,9 @@ import torch
 import dit_fast
 from dit_fast import _backends
 from dit_fast._backends import BACKENDS, BackendInfo, backends, select, use_backend
+from op_helpers import HAS_C
 
 OP = "ln_modulate"
-HAS_C = _backends._probe("cpu") is None
 
 
 @pytest.fixture(autouse=True)
@@ -29,17 +29,19 @@ def _auto_env(monkeypatch):
 
 @pytest.fixture
 def temp_op():
-    """Registers throwaway ops and removes them afterwards."""
+    """Registers throwaway ops (register_op's arguments) and removes them afterwards."""
     names = []
 
-    def register(name, impls):
+    def register(name, impls, **kwargs):
         names.append(name)
-        _backends.register_op(name, impls)
+        _backends.register_op(name, impls, **kwargs)
         return name
 
     yield register
     for name in names:
-        _backends._OPS.pop(name, None)
+        for table in (_backends._OPS, _backends._OP_PROBES, _backends._OP_SUPPORTS,
+                      _backends._OP_SHAPE_CLASS):
+            table.pop(name, None)
     _backends._decisions.clear()
 
 
@@ -80,12 +82,9 @@ def test_report_reasons_match_this_machine():
         assert not report["cuda"].available
 
 
-def test_package_reexports_if_present():
-    # dit_fast/__init__.py re-exports backends/use_backend (owned by another module's author).
-    if hasattr(dit_fast, "backends"):
-        assert dit_fast.backends is backends
-    if hasattr(dit_fast, "use_backend"):
-        assert dit_fast.use_backend is use_backend
+def test_package_reexports():
+    assert dit_fast.backends is backends
+    assert dit_fast.use_backend is use_backend
 
 
 # ---- auto selection -------------------------------------------------------------------------
@@ -225,70 +224,56 @@ def test_register_op_validation(temp_op):
     assert _backends.registered_ops()[OP] == ("reference", "cpu", "triton", "cuda")
 
 
-def test_op_specific_probes_and_supports():
+def _small_only(calls):
+    """A `supports` check that records the shapes it was given and accepts last dims up to 4."""
+    def check(t):
+        calls.append(tuple(t.shape))
+        return None if t.shape[-1] <= 4 else f"last dim {t.shape[-1]} > 4"
+    return check
+
+
+def test_op_specific_probes_and_supports(temp_op):
     """`probes` replace a backend's machine probe for one op; `supports` add per-input checks
     (given a tensor), and ops with such checks are not cached by shape-blind auto selection."""
-    name = "_test_probes_supports"
     calls = []
-
-    def small_only(t):
-        calls.append(tuple(t.shape))
-        return None if t.shape[-1] <= 4 else f"last dim {t.shape[-1]} > 4"
-
-    try:
-        _backends.register_op(name, {"reference": None, "cpu": None},
-                              probes={"cpu": lambda: None}, supports={"cpu": small_only})
-        # the op probe replaces the cpu probe: available even without dit_fast._C
-        assert select(name, torch.empty(2, 3)) == "cpu"
-        assert select(name, torch.empty(2, 8)) == "reference"
-        assert select(name, torch.empty(2, 3)) == "cpu"
-        assert calls == [(2, 3), (2, 8), (2, 3)]
-        assert _backends.explain(name, torch.empty(2, 8))["cpu"] == "last dim 8 > 4"
-        assert _backends.explain(name, "cpu")["cpu"] is None  # no tensor: no input check
-        with use_backend("cpu"), pytest.raises(RuntimeError, match="last dim 8 > 4"):
-            select(name, torch.empty(2, 8))
-        _backends.register_op(name, {"reference": None, "cpu": None},
-                              probes={"cpu": lambda: "simulated: no library"})
-        assert _backends.explain(name, torch.empty(1))["cpu"] == "simulated: no library"
-        assert select(name, torch.empty(1)) == "reference"
-        with pytest.raises(ValueError, match="has no triton implementation"):
-            _backends.register_op(name, ["reference", "cpu"], supports={"triton": small_only})
-        with pytest.raises(ValueError, match="must be callable"):
-            _backends.register_op(name, ["reference", "cpu"], probes={"cpu": "yes"})
-    finally:
-        for table in (_backends._OPS, _backends._OP_PROBES, _backends._OP_SUPPORTS,
-                      _backends._OP_SHAPE_CLASS):
-            table.pop(name, None)
-        _backends._decisions.clear()
+    small_only = _small_only(calls)
+    name = temp_op("_test_probes_supports", {"reference": None, "cpu": None},
+                   probes={"cpu": lambda: None}, supports={"cpu": small_only})
+    # the op probe replaces the cpu probe: available even without dit_fast._C
+    assert select(name, torch.empty(2, 3)) == "cpu"
+    assert select(name, torch.empty(2, 8)) == "reference"
+    assert select(name, torch.empty(2, 3)) == "cpu"
+    assert calls == [(2, 3), (2, 8), (2, 3)]
+    assert _backends.explain(name, torch.empty(2, 8))["cpu"] == "last dim 8 > 4"
+    assert _backends.explain(name, "cpu")["cpu"] is None  # no tensor: no input check
+    with use_backend("cpu"), pytest.raises(RuntimeError, match="last dim 8 > 4"):
+        select(name, torch.empty(2, 8))
+    _backends.register_op(name, {"reference": None, "cpu": None},
+                          probes={"cpu": lambda: "simulated: no library"})
+    assert _backends.explain(name, torch.empty(1))["cpu"] == "simulated: no library"
+    assert select(name, torch.empty(1)) == "reference"
+    with pytest.raises(ValueError, match="has no triton implementation"):
+        _backends.register_op(name, ["reference", "cpu"], supports={"triton": small_only})
+    with pytest.raises(ValueError, match="must be callable"):
+        _backends.register_op(name, ["reference", "cpu"], probes={"cpu": "yes"})
 
 
-def test_decisions_cached_per_shape_class():
+def test_decisions_cached_per_shape_class(temp_op):
     """With `shape_class`, the input checks run once per (device, dtype, shape class); other
     shapes of the same class hit the cache."""
-    name = "_test_shape_class"
     calls = []
-
-    def small_only(t):
-        calls.append(tuple(t.shape))
-        return None if t.shape[-1] <= 4 else f"last dim {t.shape[-1]} > 4"
-
-    try:
-        _backends.register_op(name, {"reference": None, "cpu": None}, probes={"cpu": lambda: None},
-                              supports={"cpu": small_only}, shape_class=lambda t: t.shape[-1])
-        assert [select(name, torch.empty(*s)) for s in ((2, 3), (5, 3), (2, 8), (7, 8), (2, 3))] \
-            == ["cpu", "cpu", "reference", "reference", "cpu"]
-        assert calls == [(2, 3), (2, 8)]
-        select(name, torch.empty(2, 3, dtype=torch.float64))  # another dtype: decided afresh
-        assert calls[-1] == (2, 3) and len(calls) == 3
-        with use_backend("cpu"):  # forced requests are cached too, and still raise when refused
-            select(name, torch.empty(1, 3))
-            with pytest.raises(RuntimeError, match="last dim 8 > 4"):
-                select(name, torch.empty(1, 8))
-    finally:
-        for table in (_backends._OPS, _backends._OP_PROBES, _backends._OP_SUPPORTS,
-                      _backends._OP_SHAPE_CLASS):
-            table.pop(name, None)
-        _backends._decisions.clear()
+    name = temp_op("_test_shape_class", {"reference": None, "cpu": None},
+                   probes={"cpu": lambda: None}, supports={"cpu": _small_only(calls)},
+                   shape_class=lambda t: t.shape[-1])
+    assert [select(name, torch.empty(*s)) for s in ((2, 3), (5, 3), (2, 8), (7, 8), (2, 3))] \
+        == ["cpu", "cpu", "reference", "reference", "cpu"]
+    assert calls == [(2, 3), (2, 8)]
+    select(name, torch.empty(2, 3, dtype=torch.float64))  # another dtype: decided afresh
+    assert calls[-1] == (2, 3) and len(calls) == 3
+    with use_backend("cpu"):  # forced requests are cached too, and still raise when refused
+        select(name, torch.empty(1, 3))
+        with pytest.raises(RuntimeError, match="last dim 8 > 4"):
+            select(name, torch.empty(1, 8))
 
 
 # ---- the auto order table ------------------------------------------------------------------------
@@ -305,29 +290,22 @@ def test_auto_order_table_prefers_triton_for_cuda_row_ops():
         assert all(order[-1] == "reference" for order in per_dev.values())
 
 
-def test_set_auto_order_rewrites_the_table(monkeypatch):
+def test_set_auto_order_rewrites_the_table(monkeypatch, temp_op):
     monkeypatch.setattr(_backends, "AUTO_ORDER", {d: dict(v) for d, v in _backends.AUTO_ORDER.items()})
-    name = "_test_order"
-    try:
-        _backends.register_op(name, {"reference": None, "cpu": None}, probes={"cpu": lambda: None})
+    name = temp_op("_test_order", {"reference": None, "cpu": None}, probes={"cpu": lambda: None})
+    assert select(name, torch.empty(1)) == "cpu"
+    _backends.set_auto_order("cpu", ["reference"], op_name=name)
+    assert select(name, torch.empty(1)) == "reference"  # the cached decision was dropped
+    assert "not in auto's order for cpu tensors" in _backends.explain(name, torch.empty(1))["cpu"]
+    assert select(OP, torch.empty(1)) == ("cpu" if HAS_C else "reference")  # other ops keep theirs
+    with use_backend("cpu"):  # a forced backend does not depend on the order
         assert select(name, torch.empty(1)) == "cpu"
-        _backends.set_auto_order("cpu", ["reference"], op_name=name)
-        assert select(name, torch.empty(1)) == "reference"  # the cached decision was dropped
-        assert "not in auto's order for cpu tensors" in _backends.explain(name, torch.empty(1))["cpu"]
-        assert select(OP, torch.empty(1)) == ("cpu" if HAS_C else "reference")  # other ops keep theirs
-        with use_backend("cpu"):  # a forced backend does not depend on the order
-            assert select(name, torch.empty(1)) == "cpu"
-        with pytest.raises(ValueError, match="ending in 'reference'"):
-            _backends.set_auto_order("cuda", ["triton", "cuda"])
-        with pytest.raises(ValueError, match="unknown backend 'tpu'"):
-            _backends.set_auto_order("cuda", ["tpu", "reference"])
-        _backends.set_auto_order("xpu", ["reference"])  # a device type without an entry yet
-        assert _backends.auto_order(OP, "xpu") == ("reference",)
-    finally:
-        for table in (_backends._OPS, _backends._OP_PROBES, _backends._OP_SUPPORTS,
-                      _backends._OP_SHAPE_CLASS):
-            table.pop(name, None)
-        _backends._decisions.clear()
+    with pytest.raises(ValueError, match="ending in 'reference'"):
+        _backends.set_auto_order("cuda", ["triton", "cuda"])
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        _backends.set_auto_order("cuda", ["tpu", "reference"])
+    _backends.set_auto_order("xpu", ["reference"])  # a device type without an entry yet
+    assert _backends.auto_order(OP, "xpu") == ("reference",)
 
 
 # ---- use_backend: threads, the setter form, the report ------------------------------------------

@@ -10,59 +10,26 @@ Backends that cannot run here are skipped with the registry's reason.
 """
 
 import importlib
-import os
 
 import pytest
 import torch
 
-from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import (gated_residual, gated_residual_ln_modulate,
                           gated_residual_ln_modulate_ref, gated_residual_ref, ln_modulate_ref)
 from dit_fast.tolerances import assert_close
+from op_helpers import (ALL_OPCHECK, BACKEND_DEVICES, FULL_OPCHECK_BACKEND, QUICK_OPCHECK,
+                        assert_auto_picks_no_interpreter, assert_thread_count_independent,
+                        backend_devices, compile_and_trace, each_backend_dtype_shape, each_cpu_isa,
+                        empty_row_inputs, match_cases, needs_c, opcheck_utils, require, shape_for)
 
 G = importlib.import_module("dit_fast.ops.gated_residual")
 OP, OP_PLAIN = G.OP_NAME, G.OP_NAME_PLAIN
-HAS_CUDA = torch.cuda.is_available()
-HAS_C = _backends._probe("cpu") is None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and not HAS_CUDA
-
-BACKEND_DEVICES = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cuda"), ("cuda", "cuda")]
-if INTERPRET:
-    BACKEND_DEVICES.append(("triton", "cpu"))
-if HAS_CUDA:
-    BACKEND_DEVICES.append(("reference", "cuda"))
-BD_IDS = [f"{b}-{d}" for b, d in BACKEND_DEVICES]
 
 SHAPES = [(1, 1, 72), (3, 7, 72), (1, 257, 72), (3, 1, 1000), (1, 7, 1152), (3, 65, 1152)]
 GRAD_SHAPES = [(1, 1, 72), (1, 257, 72), (3, 7, 1000), (2, 33, 1152)]
 # Under the interpreter: every odd size appears, but fewer rows.
 SMALL = {(3, 65, 1152): (1, 9, 1152), (2, 33, 1152): (1, 9, 1152)}
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def reason(op, backend, device, dtype=torch.float32):
-    """None if `backend` can run `op` for `dtype` tensors on `device` when forced, else why not."""
-    if device == "cuda" and not HAS_CUDA:
-        return "no CUDA device"
-    try:
-        with use_backend(backend):
-            _backends.select(op, torch.empty(0, device=device, dtype=dtype))
-    except RuntimeError as e:
-        return str(e)
-    return None
-
-
-def require(backend, device, dtype=torch.float32, op=OP):
-    r = reason(op, backend, device, dtype)
-    if r is not None:
-        pytest.skip(r)
-    if backend == "reference" and dtype == torch.float16:
-        pytest.skip("float16 is for the GPU backends; the reference is checked in fp32 / bf16")
-
-
-def shape_for(backend, device, shape):
-    return SMALL.get(shape, shape) if (backend, device) == ("triton", "cpu") else shape
 
 
 def make_inputs(N, T, D, dtype=torch.float32, device="cpu", strided=False, seed=0):
@@ -92,12 +59,10 @@ def check_forward(x_new, h, x, y, gate, shift, scale, eps=1e-6, msg=""):
 
 # ---- forward --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@each_backend_dtype_shape(SHAPES)
 def test_forward_matches_reference(backend, device, dtype, shape):
-    require(backend, device, dtype)
-    shape = shape_for(backend, device, shape)
+    require(OP, backend, device, dtype, fp16_reference=False)
+    shape = shape_for(backend, device, shape, SMALL)
     x, y, gate, shift, scale = make_inputs(*shape, dtype=dtype, device=device, strided=True)
     with use_backend(backend):
         x_new, h = gated_residual_ln_modulate(x, y, gate, shift, scale)
@@ -108,9 +73,9 @@ def test_forward_matches_reference(backend, device, dtype, shape):
     assert torch.equal(out, x_new), "gated_residual and the fused op's x_new must agree bitwise"
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_broadcast_noncontiguous_and_eps(backend, device):
-    require(backend, device)
+    require(OP, backend, device)
     x, y, gate, shift, scale = make_inputs(3, 5, 72, device=device, strided=True)
     with use_backend(backend):
         # stride-0 rows (one conditioning vector for the whole batch), non-unit stride along D
@@ -129,14 +94,11 @@ def test_broadcast_noncontiguous_and_eps(backend, device):
         assert_close(h0[1, 2], shift[1].double())
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_empty_inputs(backend, device):
-    require(backend, device)
+    require(OP, backend, device)
     with use_backend(backend):
-        for N, T in ((0, 4), (2, 0)):
-            x, y = (torch.randn(N, T, 16, device=device, requires_grad=True) for _ in range(2))
-            gate, shift, scale = (torch.randn(N, 16, device=device, requires_grad=True)
-                                  for _ in range(3))
+        for N, T, (x, y), (gate, shift, scale) in empty_row_inputs(device, 2, 3):
             x_new, h = gated_residual_ln_modulate(x, y, gate, shift, scale)
             out = gated_residual(x, y, gate)
             assert x_new.shape == h.shape == out.shape == (N, T, 16)
@@ -168,15 +130,13 @@ def _reference_grads(x, y, gate, shift, scale, dxn, dh, dout, stored_x_new=None,
 NAMES = ("dx", "dy", "dgate", "dshift", "dscale")
 
 
-@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@each_backend_dtype_shape(GRAD_SHAPES)
 def test_gradients_match_reference(backend, device, dtype, shape):
     """Both outputs of the fused op used (x_new feeds the output and h, so dx collects both
     paths); then the plain op on its own (separate backward passes, so no reduced-precision
     accumulation of two ops' gradients blurs the comparison)."""
-    require(backend, device, dtype)
-    shape = shape_for(backend, device, shape)
+    require(OP, backend, device, dtype, fp16_reference=False)
+    shape = shape_for(backend, device, shape, SMALL)
     g = torch.Generator().manual_seed(1)
     dxn, dh, dout = (torch.randn(shape, generator=g).to(device=device, dtype=dtype)
                      for _ in range(3))
@@ -199,9 +159,9 @@ def test_gradients_match_reference(backend, device, dtype, shape):
 
 
 @pytest.mark.parametrize("which", ["h_only", "x_new_only"])
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_gradients_with_one_output_used(backend, device, which):
-    require(backend, device)
+    require(OP, backend, device)
     inputs = [t.requires_grad_() for t in make_inputs(2, 5, 72, device=device, strided=True)]
     d = torch.randn(2, 5, 72, generator=torch.Generator().manual_seed(2)).to(device)
     with use_backend(backend):
@@ -216,9 +176,10 @@ def test_gradients_with_one_output_used(backend, device, which):
         assert_close(got.grad, w, kind="grad", msg=f"{name} {backend} {which}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_gradcheck_float64(backend):
-    require(backend, "cpu", torch.float64)
+    require(OP, backend, "cpu", torch.float64)
     inputs = [t.requires_grad_() for t in make_inputs(2, 3, 16, dtype=torch.float64, strided=True)]
     with use_backend(backend):
         assert torch.autograd.gradcheck(
@@ -226,7 +187,7 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(lambda *a: gated_residual(*a), inputs[:3])
 
 
-@pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
+@needs_c
 def test_backends_can_be_mixed_between_forward_and_backward():
     inputs = [t.requires_grad_() for t in make_inputs(3, 7, 72)]
     with use_backend("reference"):
@@ -242,18 +203,20 @@ def test_backends_can_be_mixed_between_forward_and_backward():
 
 # ---- torch.library / torch.compile ----------------------------------------------------------
 
-# opcheck's aot_dispatch test is slow: run every check for one backend, and for the others the
-# checks that involve their kernels (schema, fake tensors vs the real outputs).
-FULL_OPCHECK_BACKEND = "cpu" if HAS_C else "reference"
-QUICK_OPCHECK = ("test_schema", "test_faketensor")
-ALL_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor",
-               "test_aot_dispatch_dynamic")
+def _opcheck_backwards(fused_bwd, plain_bwd, fwd, y, gate, scale, utils):
+    """opcheck of the fused op's backward (with and without dx_new) given its forward's outputs
+    `fwd` (x_new, h, mean, rstd), and of the plain op's backward."""
+    x_new, _, mean, rstd = fwd
+    d = torch.randn_like(x_new)
+    for dxn in (d, None):
+        torch.library.opcheck(fused_bwd, (dxn, d, x_new, y, gate, scale, mean, rstd), test_utils=utils)
+    torch.library.opcheck(plain_bwd, (d, y, gate), test_utils=utils)
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", backend_devices(slow=(FULL_OPCHECK_BACKEND,)))
 def test_opcheck_custom_ops(backend, device):
-    require(backend, device)
-    utils = ALL_OPCHECK if backend == FULL_OPCHECK_BACKEND else QUICK_OPCHECK
+    require(OP, backend, device)
+    utils = opcheck_utils(backend)
     x, y, gate, shift, scale = make_inputs(2, 5, 72, device=device)
     with use_backend(backend):
         for rg in (False, True):
@@ -262,35 +225,24 @@ def test_opcheck_custom_ops(backend, device):
                                   (*args, 1e-6), test_utils=utils)
             torch.library.opcheck(torch.ops.dit_fast.gated_residual.default, tuple(args[:3]),
                                   test_utils=utils)
-        x_new, _h, mean, rstd = G._forward(x, y, gate, shift, scale, 1e-6)
-        d = torch.randn_like(x)
-        for dxn in (d, None):
-            torch.library.opcheck(torch.ops.dit_fast.gated_residual_ln_modulate_backward.default,
-                                  (dxn, d, x_new, y, gate, scale, mean, rstd),
-                                  test_utils=utils)
-        torch.library.opcheck(torch.ops.dit_fast.gated_residual_backward.default, (d, y, gate),
-                              test_utils=utils)
+        _opcheck_backwards(torch.ops.dit_fast.gated_residual_ln_modulate_backward.default,
+                           torch.ops.dit_fast.gated_residual_backward.default,
+                           G._forward(x, y, gate, shift, scale, 1e-6), y, gate, scale, utils)
 
 
-@pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
+@needs_c
 def test_opcheck_native_ops():
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         utils = ALL_OPCHECK if dtype == torch.float32 else QUICK_OPCHECK
         x, y, gate, shift, scale = make_inputs(2, 5, 72, dtype=dtype, strided=True)
         torch.library.opcheck(torch.ops.dit_fast.gated_residual_ln_modulate_fwd.default,
                               (x, y, gate, shift, scale, 1e-6), test_utils=utils)
-        x_new, h, mean, rstd = torch.ops.dit_fast.gated_residual_ln_modulate_fwd(
-            x, y, gate, shift, scale, 1e-6)
-        assert mean.dtype == rstd.dtype == G._stats_dtype(dtype) and mean.shape == (2, 5)
-        d = torch.randn_like(x)
-        for dxn in (d, None):
-            torch.library.opcheck(torch.ops.dit_fast.gated_residual_ln_modulate_bwd.default,
-                                  (dxn, d, x_new, y, gate, scale, mean, rstd),
-                                  test_utils=utils)
+        fwd = torch.ops.dit_fast.gated_residual_ln_modulate_fwd(x, y, gate, shift, scale, 1e-6)
+        assert fwd[2].dtype == fwd[3].dtype == G._stats_dtype(dtype) and fwd[2].shape == (2, 5)
         torch.library.opcheck(torch.ops.dit_fast.gated_residual_fwd.default, (x, y, gate),
                               test_utils=utils)
-        torch.library.opcheck(torch.ops.dit_fast.gated_residual_bwd.default, (d, y, gate),
-                              test_utils=utils)
+        _opcheck_backwards(torch.ops.dit_fast.gated_residual_ln_modulate_bwd.default,
+                           torch.ops.dit_fast.gated_residual_bwd.default, fwd, y, gate, scale, utils)
 
 
 def test_torch_compile_fullgraph():
@@ -315,16 +267,11 @@ def test_torch_compile_fullgraph():
 
 
 def test_torch_compile_graph_has_the_ops():
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    f = torch.compile(lambda *a: gated_residual_ln_modulate(*a)[1] + gated_residual(*a[:3]),
-                      fullgraph=True, backend=capture)
-    f(*make_inputs(2, 3, 16))
-    targets = {n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    inputs = make_inputs(2, 3, 16)
+    out, targets = compile_and_trace(
+        lambda *a: gated_residual_ln_modulate(*a)[1] + gated_residual(*a[:3]), *inputs)
+    assert_close(out, gated_residual_ln_modulate_ref(*inputs)[1].double()
+                 + gated_residual_ref(*inputs[:3]).double())
     assert torch.ops.dit_fast.gated_residual_ln_modulate.default in targets
     assert torch.ops.dit_fast.gated_residual.default in targets
 
@@ -348,7 +295,7 @@ def _bad_inputs():
     ]
 
 
-@pytest.mark.parametrize("match,args,kwargs", _bad_inputs(), ids=[b[0] for b in _bad_inputs()])
+@pytest.mark.parametrize("match,args,kwargs", match_cases(_bad_inputs()))
 def test_invalid_inputs_raise_value_error(match, args, kwargs):
     with pytest.raises(ValueError, match=match):
         gated_residual_ln_modulate(*args, **kwargs)
@@ -368,12 +315,11 @@ def test_plain_invalid_inputs_raise_value_error(match, args):
 
 
 def test_auto_never_picks_the_triton_interpreter_for_cpu_tensors():
-    x = torch.empty(1, 1, 8)
-    assert _backends.select(OP, x) == ("cpu" if HAS_C else "reference")
-    assert _backends.select(OP_PLAIN, x.half()) == "reference"
+    for op in (OP, OP_PLAIN):
+        assert_auto_picks_no_interpreter(op, torch.empty(1, 1, 8))
 
 
-@pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
+@needs_c
 def test_forced_backend_that_cannot_run_raises():
     x, y, g, sh, sc = (t.half() for t in make_inputs(2, 3, 8))
     with use_backend("cpu"), pytest.raises(RuntimeError, match="does not support torch.float16"):
@@ -384,18 +330,13 @@ def test_forced_backend_that_cannot_run_raises():
 
 # ---- CPU-kernel specifics -------------------------------------------------------------------
 
-needs_c = pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
-
 
 @needs_c
 def test_every_cpu_isa_path():
-    from dit_fast import _C
     x, y, gate, shift, scale = make_inputs(3, 33, 1000, dtype=torch.bfloat16, strided=True)
     d = torch.randn_like(x)
-    prev = _C.set_cpu_isa("auto")
-    try:
-        for isa in _C.supported_cpu_isas():
-            _C.set_cpu_isa(isa)
+    with each_cpu_isa() as isas:
+        for isa in isas:
             with use_backend("cpu"):
                 x_new, h = gated_residual_ln_modulate(x, y, gate, shift, scale)
                 check_forward(x_new, h, x, y, gate, shift, scale, msg=isa)
@@ -404,28 +345,20 @@ def test_every_cpu_isa_path():
             want = G._bwd_reference(d, d, x_new, y, gate, scale, mean, rstd)
             for a, b in zip(got, want):
                 assert_close(a, b.double(), kind="grad", msg=isa)
-    finally:
-        _C.set_cpu_isa(prev)
 
 
 @needs_c
 def test_cpu_results_independent_of_thread_count():
     x, y, gate, shift, scale = make_inputs(2, 67, 40)
     d = torch.randn_like(x)
-    prev = torch.get_num_threads()
-    outs = []
-    try:
-        for nt in (1, 2, 3):
-            torch.set_num_threads(nt)
-            fwd = torch.ops.dit_fast.gated_residual_ln_modulate_fwd(x, y, gate, shift, scale, 1e-6)
-            bwd = torch.ops.dit_fast.gated_residual_ln_modulate_bwd(d, d, fwd[0], y, gate, scale,
-                                                                     fwd[2], fwd[3])
-            outs.append((*fwd, *bwd, *torch.ops.dit_fast.gated_residual_bwd(d, y, gate)))
-    finally:
-        torch.set_num_threads(prev)
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+
+    def run():
+        fwd = torch.ops.dit_fast.gated_residual_ln_modulate_fwd(x, y, gate, shift, scale, 1e-6)
+        bwd = torch.ops.dit_fast.gated_residual_ln_modulate_bwd(d, d, fwd[0], y, gate, scale,
+                                                                 fwd[2], fwd[3])
+        return *fwd, *bwd, *torch.ops.dit_fast.gated_residual_bwd(d, y, gate)
+
+    assert_thread_count_independent(run)
 
 
 @needs_c

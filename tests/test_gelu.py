@@ -8,54 +8,25 @@ registry's reason.
 """
 
 import importlib
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import gelu_bias, gelu_bias_ref, linear_gelu, linear_gelu_ref
 from dit_fast.tolerances import assert_close
+from op_helpers import (ALL_OPCHECK, BACKEND_DEVICES, DTYPES, FULL_OPCHECK_BACKEND, QUICK_OPCHECK,
+                        assert_auto_picks_no_interpreter, assert_thread_count_independent,
+                        backend_devices, compile_and_trace, dtype_id, each_backend_dtype_shape,
+                        each_cpu_isa, match_cases, needs_c, opcheck_utils, require)
 
 GE = importlib.import_module("dit_fast.ops.gelu")
 OP = GE.OP_NAME
-HAS_CUDA = torch.cuda.is_available()
-HAS_C = _backends._probe("cpu") is None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and not HAS_CUDA
-
-BACKEND_DEVICES = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cuda"), ("cuda", "cuda")]
-if INTERPRET:
-    BACKEND_DEVICES.append(("triton", "cpu"))
-if HAS_CUDA:
-    BACKEND_DEVICES.append(("reference", "cuda"))
-BD_IDS = [f"{b}-{d}" for b, d in BACKEND_DEVICES]
 
 # h shapes (..., F): F = 72, 1000, 1152, 288 (= 4 * 72, DiT's mlp_ratio), token counts 1, 7, 257
 SHAPES = [(1, 72), (7, 1000), (3, 7, 1152), (1, 257, 72), (3, 1, 288), (2, 7, 4608)]
 GRAD_SHAPES = [(1, 72), (3, 7, 1000), (1, 257, 288)]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def reason(backend, device, dtype=torch.float32):
-    """None if `backend` can run gelu_bias for `dtype` tensors on `device` when forced."""
-    if device == "cuda" and not HAS_CUDA:
-        return "no CUDA device"
-    try:
-        with use_backend(backend):
-            _backends.select(OP, torch.empty(0, device=device, dtype=dtype))
-    except RuntimeError as e:
-        return str(e)
-    return None
-
-
-def require(backend, device, dtype=torch.float32):
-    r = reason(backend, device, dtype)
-    if r is not None:
-        pytest.skip(r)
-    if backend == "reference" and dtype == torch.float16:
-        pytest.skip("float16 is for the GPU backends; the reference is checked in fp32 / bf16")
 
 
 def make_inputs(shape, dtype=torch.float32, device="cpu", seed=0):
@@ -72,11 +43,9 @@ def truth(h, bias):
 
 # ---- forward --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@each_backend_dtype_shape(SHAPES)
 def test_forward_matches_reference(backend, device, dtype, shape):
-    require(backend, device, dtype)
+    require(OP, backend, device, dtype, fp16_reference=False)
     h, bias = make_inputs(shape, dtype, device)
     with use_backend(backend):
         out = gelu_bias(h, bias)
@@ -91,10 +60,10 @@ def test_reference_is_torchs_gelu_tanh():
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # Triton's interpreter:
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy, masked
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_extreme_values(backend, device):
     """Far tails: exactly 0 below about -10 and exactly v above about 10 (no inf * 0 inside)."""
-    require(backend, device)
+    require(OP, backend, device)
     h = torch.tensor([[-1e4, -100.0, -30.0, -10.0, -5.0, -1e-3, 0.0, 1e-30, 1e-3, 5.0, 10.0, 30.0,
                        100.0, 1e4, 3e38, -3e38]], device=device)
     bias = torch.zeros(h.shape[-1], device=device)
@@ -112,9 +81,9 @@ def test_extreme_values(backend, device):
         torch.ones_like(want), h.double(), approximate="tanh")[:, 1:-2], kind="grad")
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_noncontiguous_and_empty(backend, device):
-    require(backend, device)
+    require(OP, backend, device)
     h, bias = make_inputs((6, 72), device=device)
     with use_backend(backend):
         ht = h.t().contiguous().t()
@@ -133,11 +102,9 @@ def test_noncontiguous_and_empty(backend, device):
 
 # ---- backward -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@each_backend_dtype_shape(GRAD_SHAPES)
 def test_gradients_match_reference(backend, device, dtype, shape):
-    require(backend, device, dtype)
+    require(OP, backend, device, dtype, fp16_reference=False)
     h, bias = (t.requires_grad_() for t in make_inputs(shape, dtype, device))
     dout = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device=device,
                                                                             dtype=dtype)
@@ -152,7 +119,7 @@ def test_gradients_match_reference(backend, device, dtype, shape):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_gradcheck_float64(backend):
-    require(backend, "cpu", torch.float64)
+    require(OP, backend, "cpu", torch.float64)
     h, bias = (t.requires_grad_() for t in make_inputs((3, 5, 16), torch.float64))
     x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)
@@ -171,10 +138,10 @@ def make_linear(N, T, K, Fdim, dtype=torch.float32, device="cpu", seed=0):
     return tuple(t.to(device=device, dtype=dtype) for t in (x, w, b))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_linear_gelu(backend, device, dtype):
-    require(backend, device, dtype)
+    require(OP, backend, device, dtype, fp16_reference=False)
     x, w, b = make_linear(2, 7, 72, 288, dtype, device)
     with use_backend(backend):
         out = linear_gelu(x, w, b)                       # eager inference: in place on the GEMM out
@@ -202,14 +169,12 @@ def test_linear_gelu(backend, device, dtype):
             assert_close(got.grad, want.grad, kind="grad", msg=name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
-                         ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICES if bd[0] == "triton"],
-                         ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("backend,device", backend_devices("triton"))
 def test_triton_linear_gelu_kernel_shapes(backend, device, dtype):
     """The Triton GEMM + bias + GELU kernel: partial tiles in M, N and K, 2-D and 3-D x, a
     non-contiguous weight, and the empty cases."""
-    require(backend, device, dtype)
+    require(OP, backend, device, dtype, fp16_reference=False)
     k = GE._triton()
     g = torch.Generator().manual_seed(3)
     for xs, K, Fd in (((1, 1, 33), 33, 100), ((3, 7, 72), 72, 288), ((70, 40), 40, 1000)):
@@ -239,16 +204,10 @@ def test_linear_gelu_matches_dit_mlp_fc1_act():
 
 # ---- torch.library / torch.compile ----------------------------------------------------------
 
-FULL_OPCHECK_BACKEND = "cpu" if HAS_C else "reference"
-QUICK_OPCHECK = ("test_schema", "test_faketensor")
-ALL_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor",
-               "test_aot_dispatch_dynamic")
-
-
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", backend_devices(slow=(FULL_OPCHECK_BACKEND,)))
 def test_opcheck_custom_ops(backend, device):
-    require(backend, device)
-    utils = ALL_OPCHECK if backend == FULL_OPCHECK_BACKEND else QUICK_OPCHECK
+    require(OP, backend, device)
+    utils = opcheck_utils(backend)
     h, bias = make_inputs((2, 3, 72), device=device)
     with use_backend(backend):
         for rg in (False, True):
@@ -259,7 +218,7 @@ def test_opcheck_custom_ops(backend, device):
                               (torch.randn_like(h), h, bias), test_utils=utils)
 
 
-@pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
+@needs_c
 def test_opcheck_native_ops():
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         utils = ALL_OPCHECK if dtype == torch.float32 else QUICK_OPCHECK
@@ -271,7 +230,7 @@ def test_opcheck_native_ops():
                               (torch.randn_like(h), h, bias), test_utils=utils)
 
 
-@pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
+@needs_c
 def test_native_inplace_op_overwrites_its_input():
     h, bias = make_inputs((4, 1000))
     want = torch.ops.dit_fast.gelu_bias_fwd(h, bias)
@@ -283,12 +242,6 @@ def test_native_inplace_op_overwrites_its_input():
 def test_torch_compile_fullgraph():
     """An MLP-shaped chain traced without graph breaks (aot_eager: fake tensors, functionalization
     and the registered autograd); forward and backward match the reference."""
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     def mlp(x, w1, b1, b2):
         return gelu_bias(linear_gelu(x, w1, b1), b2)
 
@@ -302,9 +255,9 @@ def test_torch_compile_fullgraph():
     rout.sum().backward()
     for got, want in zip((x, w1, b1, b2), ref):
         assert_close(got.grad, want.grad, kind="grad")
-    torch.compile(mlp, fullgraph=True, backend=capture)(x, w1, b1, b2)
-    targets = {n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    traced, targets = compile_and_trace(mlp, x, w1, b1, b2)
     assert torch.ops.dit_fast.gelu_bias.default in targets
+    assert_close(traced, rout)
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -323,7 +276,7 @@ def _bad_gelu():
     ]
 
 
-@pytest.mark.parametrize("match,args", _bad_gelu(), ids=[b[0] for b in _bad_gelu()])
+@pytest.mark.parametrize("match,args", match_cases(_bad_gelu()))
 def test_gelu_invalid_inputs_raise_value_error(match, args):
     with pytest.raises(ValueError, match=match):
         gelu_bias(*args)
@@ -343,63 +296,43 @@ def _bad_linear():
     ]
 
 
-@pytest.mark.parametrize("match,args", _bad_linear(), ids=[b[0] for b in _bad_linear()])
+@pytest.mark.parametrize("match,args", match_cases(_bad_linear()))
 def test_linear_gelu_invalid_inputs_raise_value_error(match, args):
     with pytest.raises(ValueError, match=match):
         linear_gelu(*args)
 
 
 def test_auto_never_picks_the_triton_interpreter_for_cpu_tensors():
-    h = torch.empty(2, 8)
-    assert _backends.select(OP, h) == ("cpu" if HAS_C else "reference")
-    assert _backends.select(OP, h.half()) == "reference"
+    assert_auto_picks_no_interpreter(OP, torch.empty(2, 8))
 
 
 # ---- CPU-kernel specifics -------------------------------------------------------------------
 
-needs_c = pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
-
 
 @needs_c
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
-                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_every_cpu_isa_path(dtype):
     """The AVX2 path (vectorized exp, 8-wide with padded row tails) and the generic scalar path
     both match the reference; F = 1003 exercises the tails."""
-    from dit_fast import _C
     h, bias = make_inputs((5, 1003), dtype)
     dout = torch.randn_like(h)
     want = truth(h, bias)
     ref = [t.double().requires_grad_() for t in (h, bias)]
     gelu_bias_ref(*ref).backward(dout.double())
-    prev = _C.set_cpu_isa("auto")
-    try:
-        for isa in _C.supported_cpu_isas():
-            _C.set_cpu_isa(isa)
+    with each_cpu_isa() as isas:
+        for isa in isas:
             assert_close(torch.ops.dit_fast.gelu_bias_fwd(h, bias), want, msg=isa)
             dh, db = torch.ops.dit_fast.gelu_bias_bwd(dout, h, bias)
             assert_close(dh, ref[0].grad, kind="grad", msg=isa)
             assert_close(db, ref[1].grad, kind="grad", msg=isa)
-    finally:
-        _C.set_cpu_isa(prev)
 
 
 @needs_c
 def test_cpu_results_independent_of_thread_count():
     h, bias = make_inputs((301, 40))
     dout = torch.randn_like(h)
-    prev = torch.get_num_threads()
-    outs = []
-    try:
-        for nt in (1, 2, 3):
-            torch.set_num_threads(nt)
-            outs.append((torch.ops.dit_fast.gelu_bias_fwd(h, bias),
-                         *torch.ops.dit_fast.gelu_bias_bwd(dout, h, bias)))
-    finally:
-        torch.set_num_threads(prev)
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+    assert_thread_count_independent(lambda: (torch.ops.dit_fast.gelu_bias_fwd(h, bias),
+                                             *torch.ops.dit_fast.gelu_bias_bwd(dout, h, bias)))
 
 
 @needs_c

@@ -5,7 +5,6 @@ dit_fast/tolerances.py). Backends that cannot run here are skipped with the regi
 """
 
 import importlib
-import os
 
 import pytest
 import torch
@@ -15,46 +14,18 @@ from dit_fast._backends import use_backend
 from dit_fast.ops import ln_modulate, ln_modulate_ref
 from dit_fast.tolerances import assert_close
 from error_rule import error_floor
+from op_helpers import (BACKEND_DEVICES, HAS_C, assert_thread_count_independent, backend_devices,
+                        compile_and_trace, each_backend_dtype_shape, each_cpu_isa, empty_row_inputs,
+                        match_cases, needs_c, require, shape_for)
 
 L = importlib.import_module("dit_fast.ops.ln_modulate")  # the module (the package re-exports the function)
 OP = L.OP_NAME
-HAS_CUDA = torch.cuda.is_available()
-HAS_C = _backends._probe("cpu") is None
-# Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py without a GPU) runs the Triton
-# kernels on CPU tensors when the triton backend is forced.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and not HAS_CUDA
-
-# (backend, device of the tensors it is tested on)
-BACKEND_DEVICES = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cuda"), ("cuda", "cuda")]
-if INTERPRET:
-    BACKEND_DEVICES.append(("triton", "cpu"))
-if HAS_CUDA:
-    BACKEND_DEVICES.append(("reference", "cuda"))
-BD_IDS = [f"{b}-{d}" for b, d in BACKEND_DEVICES]
 
 SHAPES = [(1, 1, 72), (3, 7, 72), (1, 257, 72), (3, 1, 1000), (1, 7, 1000), (3, 257, 1152),
           (1, 7, 1152)]
 GRAD_SHAPES = [(1, 1, 72), (3, 7, 72), (3, 7, 1000), (1, 257, 1152)]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The interpreter is slow: same D, fewer rows.
 SMALL = {(3, 257, 1152): (1, 9, 1152), (1, 257, 1152): (1, 9, 1152)}
-
-
-def require(backend, device, dtype=torch.float32):
-    """Skips unless `backend`, forced, can run ln_modulate for `dtype` tensors on `device`."""
-    if device == "cuda" and not HAS_CUDA:
-        pytest.skip("no CUDA device")
-    try:
-        with use_backend(backend):
-            _backends.select(OP, torch.empty(0, device=device, dtype=dtype))
-    except _backends.KernelValidationError:
-        raise  # a kernel that fails its check is a failure, not a skip
-    except RuntimeError as e:
-        pytest.skip(str(e))
-
-
-def shape_for(backend, device, shape):
-    return SMALL.get(shape, shape) if (backend, device) == ("triton", "cpu") else shape
 
 
 def make_inputs(N, T, D, dtype=torch.float32, device="cpu", strided=False, seed=0):
@@ -79,12 +50,10 @@ def truth(x, shift, scale, eps=1e-6):
 
 # ---- forward --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@each_backend_dtype_shape(SHAPES)
 def test_forward_matches_reference(backend, device, dtype, shape):
-    require(backend, device, dtype)
-    shape = shape_for(backend, device, shape)
+    require(OP, backend, device, dtype)
+    shape = shape_for(backend, device, shape, SMALL)
     x, shift, scale = make_inputs(*shape, dtype=dtype, device=device)
     with use_backend(backend):
         y = ln_modulate(x, shift, scale)
@@ -92,9 +61,9 @@ def test_forward_matches_reference(backend, device, dtype, shape):
     assert_close(y, truth(x, shift, scale), msg=f"{backend} {dtype} {shape}")
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_strided_and_expanded_shift_scale(backend, device):
-    require(backend, device)
+    require(OP, backend, device)
     x, shift, scale = make_inputs(3, 7, 72, device=device, strided=True)
     assert not shift.is_contiguous() and shift.stride() == (6 * 72, 1)
     with use_backend(backend):
@@ -112,9 +81,9 @@ def test_strided_and_expanded_shift_scale(backend, device):
         assert_close(ln_modulate(xt, shift, scale), truth(x, shift, scale))
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_eps_and_constant_rows(backend, device):
-    require(backend, device)
+    require(OP, backend, device)
     x, shift, scale = make_inputs(2, 3, 72, device=device)
     x[0, 1] = 5.0  # zero-variance row: y must equal shift exactly-ish
     with use_backend(backend):
@@ -124,14 +93,11 @@ def test_eps_and_constant_rows(backend, device):
     assert_close(y[0, 1], shift[0].double())
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_empty_inputs(backend, device):
-    require(backend, device)
+    require(OP, backend, device)
     with use_backend(backend):
-        for N, T in ((0, 4), (2, 0)):
-            x = torch.randn(N, T, 16, device=device, requires_grad=True)
-            shift = torch.randn(N, 16, device=device, requires_grad=True)
-            scale = torch.randn(N, 16, device=device, requires_grad=True)
+        for N, T, (x,), (shift, scale) in empty_row_inputs(device, 1, 2):
             y = ln_modulate(x, shift, scale)
             assert y.shape == (N, T, 16)
             y.sum().backward()
@@ -139,7 +105,7 @@ def test_empty_inputs(backend, device):
             assert torch.equal(scale.grad, torch.zeros_like(scale))
 
 
-@pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
+@needs_c
 def test_cpu_bf16_at_least_as_accurate_as_eager_bf16():
     x, shift, scale = make_inputs(3, 257, 1152, dtype=torch.bfloat16)
     exact = truth(x, shift, scale)
@@ -152,12 +118,10 @@ def test_cpu_bf16_at_least_as_accurate_as_eager_bf16():
 
 # ---- backward -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@each_backend_dtype_shape(GRAD_SHAPES)
 def test_gradients_match_reference(backend, device, dtype, shape):
-    require(backend, device, dtype)
-    shape = shape_for(backend, device, shape)
+    require(OP, backend, device, dtype)
+    shape = shape_for(backend, device, shape, SMALL)
     x, shift, scale = (t.requires_grad_() for t in make_inputs(*shape, dtype=dtype, device=device))
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     with use_backend(backend):
@@ -169,16 +133,17 @@ def test_gradients_match_reference(backend, device, dtype, shape):
         assert_close(got.grad, want.grad, kind="grad", msg=f"{name} {backend} {dtype} {shape}")
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_gradcheck_float64(backend, device):
-    require(backend, device, torch.float64)
+    require(OP, backend, device, torch.float64)
     x, shift, scale = (t.requires_grad_() for t in
                        make_inputs(2, 3, 16, dtype=torch.float64, device=device, strided=True))
     with use_backend(backend):
         assert torch.autograd.gradcheck(lambda a, b, c: ln_modulate(a, b, c), (x, shift, scale))
 
 
-@pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
+@needs_c
 def test_backends_can_be_mixed_between_forward_and_backward():
     x, shift, scale = (t.requires_grad_() for t in make_inputs(3, 7, 72))
     with use_backend("reference"):
@@ -193,9 +158,9 @@ def test_backends_can_be_mixed_between_forward_and_backward():
 
 # ---- torch.library / torch.compile ----------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", backend_devices(slow=("reference",)))
 def test_opcheck_custom_op(backend, device):
-    require(backend, device)
+    require(OP, backend, device)
     x, shift, scale = make_inputs(2, 5, 72, device=device)
     with use_backend(backend):
         for rg in (False, True):
@@ -207,7 +172,7 @@ def test_opcheck_custom_op(backend, device):
                               (dy, x, scale, mean, rstd))
 
 
-@pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
+@needs_c
 def test_opcheck_native_ops():
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         x, shift, scale = make_inputs(2, 5, 72, dtype=dtype, strided=True)
@@ -220,19 +185,8 @@ def test_opcheck_native_ops():
 
 def test_torch_compile_fullgraph():
     """One opaque node in a graph-break-free trace; forward and backward match eager."""
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    def f(x, shift, scale):
-        return ln_modulate(x, shift, scale) * 2 + 1
-
-    compiled = torch.compile(f, fullgraph=True, backend=capture)
     x, shift, scale = (t.requires_grad_() for t in make_inputs(2, 5, 72))
-    y = compiled(x, shift, scale)
-    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    y, targets = compile_and_trace(lambda a, b, c: ln_modulate(a, b, c) * 2 + 1, x, shift, scale)
     assert torch.ops.dit_fast.ln_modulate.default in targets
     assert_close(y, 2 * truth(x, shift, scale) + 1)
     y.sum().backward()
@@ -242,6 +196,7 @@ def test_torch_compile_fullgraph():
         assert_close(got.grad, want.grad, kind="grad")
 
 
+@pytest.mark.slow
 def test_torch_compile_inductor_forward():
     x, shift, scale = make_inputs(2, 5, 72)
     compiled = torch.compile(lambda a, b, c: ln_modulate(a, b, c) + 1, fullgraph=True)
@@ -265,7 +220,7 @@ def _bad_inputs():
     ]
 
 
-@pytest.mark.parametrize("match,args,kwargs", _bad_inputs(), ids=[b[0] for b in _bad_inputs()])
+@pytest.mark.parametrize("match,args,kwargs", match_cases(_bad_inputs()))
 def test_invalid_inputs_raise_value_error(match, args, kwargs):
     with pytest.raises(ValueError, match=match):
         ln_modulate(*args, **kwargs)
@@ -303,8 +258,6 @@ def test_missing_extension_reported_and_auto_falls_back(monkeypatch):
 
 # ---- CPU-kernel specifics -------------------------------------------------------------------
 
-needs_c = pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
-
 
 @needs_c
 def test_auto_uses_cpu_kernel_for_supported_dtypes():
@@ -316,16 +269,12 @@ def test_auto_uses_cpu_kernel_for_supported_dtypes():
 @needs_c
 def test_every_cpu_isa_path():
     from dit_fast import _C
-    isas = _C.supported_cpu_isas()
-    assert "generic" in isas
+    assert "generic" in _C.supported_cpu_isas()
     x, shift, scale = make_inputs(3, 33, 1000, dtype=torch.bfloat16, strided=True)
     dy = torch.randn_like(x)
     exact = truth(x, shift, scale)
-    prev = _C.set_cpu_isa("auto")
-    try:
+    with each_cpu_isa() as isas:
         for isa in isas:
-            _C.set_cpu_isa(isa)
-            assert _C.cpu_isa() == isa
             with use_backend("cpu"):
                 assert_close(ln_modulate(x, shift, scale), exact, msg=isa)
                 y, mean, rstd = L._forward(x, shift, scale, 1e-6)
@@ -335,8 +284,6 @@ def test_every_cpu_isa_path():
                 assert_close(a, b.double(), kind="grad", msg=isa)
         with pytest.raises(ValueError, match="unknown CPU ISA"):
             _C.set_cpu_isa("sse9")
-    finally:
-        _C.set_cpu_isa(prev)
 
 
 @needs_c
@@ -344,18 +291,12 @@ def test_every_cpu_isa_path():
 def test_cpu_results_independent_of_thread_count(shape):
     x, shift, scale = make_inputs(*shape)
     dy = torch.randn_like(x)
-    prev = torch.get_num_threads()
-    outs = []
-    try:
-        for nt in (1, 2, 3):
-            torch.set_num_threads(nt)
-            y, mean, rstd = torch.ops.dit_fast.ln_modulate_fwd(x, shift, scale, 1e-6)
-            outs.append((y, mean, rstd, *torch.ops.dit_fast.ln_modulate_bwd(dy, x, scale, mean, rstd)))
-    finally:
-        torch.set_num_threads(prev)
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+
+    def run():
+        y, mean, rstd = torch.ops.dit_fast.ln_modulate_fwd(x, shift, scale, 1e-6)
+        return y, mean, rstd, *torch.ops.dit_fast.ln_modulate_bwd(dy, x, scale, mean, rstd)
+
+    assert_thread_count_independent(run)
 
 
 @needs_c

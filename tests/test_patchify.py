@@ -11,11 +11,13 @@ import importlib
 import pytest
 import torch
 
-from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import patch_embed, patch_embed_ref, unpatchify, unpatchify_ref
-from embed_helpers import BACKEND_DEVICES, BD_IDS, HAS_C, interpreted, require
 from dit_fast.tolerances import assert_close, tol
+from op_helpers import (BACKEND_DEVICES, HAS_C, assert_auto_picks_no_interpreter,
+                        assert_thread_count_independent, compile_and_trace,
+                        each_backend_dtype_shape, each_cpu_isa, interpreted, match_cases, needs_c,
+                        require, shape_id)
 
 P = importlib.import_module("dit_fast.ops.patchify")
 OP, OP_U = P.OP_PATCH_EMBED, P.OP_UNPATCHIFY
@@ -25,7 +27,6 @@ OP, OP_U = P.OP_PATCH_EMBED, P.OP_UNPATCHIFY
 SHAPES = [(1, 4, 4, 4, 2, 72), (2, 3, 6, 10, 2, 72), (3, 4, 8, 8, 2, 1000), (1, 4, 8, 8, 4, 1152),
           (2, 2, 3, 5, 1, 72)]
 SMALL = [(1, 4, 4, 4, 2, 72), (2, 3, 6, 10, 2, 72), (1, 4, 8, 8, 4, 1152)]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def make_inputs(N, C, H, W, p, D, dtype=torch.float32, device="cpu", seed=0):
@@ -44,9 +45,7 @@ def truth(x, w, b, pos, p):
 
 # ---- patch_embed forward ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@each_backend_dtype_shape(SHAPES)
 def test_forward_matches_reference(backend, device, dtype, shape):
     require(OP, backend, device, dtype)
     if interpreted(backend, device) and shape not in SMALL:
@@ -60,7 +59,7 @@ def test_forward_matches_reference(backend, device, dtype, shape):
     assert_close(out, truth(x, w, b, pos, p), msg=f"{backend} {dtype} {shape}")
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_optional_bias_and_pos(backend, device):
     require(OP, backend, device)
     x, w, b, pos = make_inputs(2, 3, 6, 10, 2, 72, device=device)
@@ -87,9 +86,7 @@ def test_matches_the_model_patch_embed():
 GRAD_SHAPES = [(1, 4, 4, 4, 2, 72), (2, 3, 6, 10, 2, 1000), (1, 4, 8, 8, 4, 1152)]
 
 
-@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@each_backend_dtype_shape(GRAD_SHAPES, [torch.float32, torch.bfloat16])
 def test_backward_matches_reference_autograd(backend, device, dtype, shape):
     require(OP, backend, device, dtype)
     if interpreted(backend, device) and shape != GRAD_SHAPES[0]:
@@ -112,7 +109,7 @@ def test_backward_matches_reference_autograd(backend, device, dtype, shape):
             msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_backward_partial_and_pos_grad(backend, device):
     """Only the needed gradients are computed; pos_embed gets one only if it requires grad."""
     require(OP, backend, device)
@@ -130,6 +127,7 @@ def test_backward_partial_and_pos_grad(backend, device):
     assert_close(w.grad, wr.grad, kind="grad")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_gradcheck_float64(backend):
     require(OP, backend, "cpu", torch.float64)
@@ -141,19 +139,14 @@ def test_gradcheck_float64(backend):
 
 # ---- CPU kernel specifics ---------------------------------------------------------------------
 
-needs_c = pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
-
 
 @needs_c
 def test_cpu_float64_and_isa_paths():
-    from dit_fast import _C
     x, w, b, pos = make_inputs(3, 4, 8, 8, 2, 1000, dtype=torch.float64)
     exact = truth(x, w, b, pos, 2)
     dy = torch.randn(exact.shape, dtype=torch.float64)
-    prev = _C.set_cpu_isa("auto")
-    try:
-        for isa in _C.supported_cpu_isas():
-            _C.set_cpu_isa(isa)
+    with each_cpu_isa() as isas:
+        for isa in isas:
             for dt in (torch.float64, torch.float32, torch.bfloat16):
                 args = [t.to(dt) for t in (x, w, b, pos)]
                 out = torch.ops.dit_fast.patch_embed_fwd(*args[:3], args[3][0], 2)
@@ -166,26 +159,15 @@ def test_cpu_float64_and_isa_paths():
                 for a, r in ((dx, rdx), (dw, rdw), (db, rdb)):
                     torch.testing.assert_close(a.double(), r, **tol(dt, "grad"),
                                                msg=lambda m: f"{isa} {dt}: {m}")
-    finally:
-        _C.set_cpu_isa(prev)
 
 
 @needs_c
 def test_cpu_results_independent_of_thread_count():
     x, w, b, pos = make_inputs(3, 4, 8, 8, 2, 1000)
     dy = torch.randn(3, 16, 1000)
-    prev = torch.get_num_threads()
-    outs = []
-    try:
-        for nt in (1, 2, 3):
-            torch.set_num_threads(nt)
-            outs.append((torch.ops.dit_fast.patch_embed_fwd(x, w, b, pos[0], 2),
-                         *torch.ops.dit_fast.patch_embed_bwd(dy, x, w, 2, True, True, True)))
-    finally:
-        torch.set_num_threads(prev)
-    for other in outs[1:]:
-        for a, c in zip(outs[0], other):
-            assert torch.equal(a, c)
+    assert_thread_count_independent(lambda: (
+        torch.ops.dit_fast.patch_embed_fwd(x, w, b, pos[0], 2),
+        *torch.ops.dit_fast.patch_embed_bwd(dy, x, w, 2, True, True, True)))
 
 
 @needs_c
@@ -211,10 +193,10 @@ def test_empty_batch():
 UNP_CASES = [(1, 4, 2, 8), (2, 9, 2, 4), (3, 16, 4, 3), (2, 4, 8, 8)]  # (N, T, p, C)
 
 
-@pytest.mark.parametrize("case", UNP_CASES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", UNP_CASES, ids=shape_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
                          ids=["float32", "bfloat16", "float64"])
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_unpatchify_exact(backend, device, dtype, case):
     require(OP_U, backend, device, dtype)
     N, T, p, C = case
@@ -231,7 +213,7 @@ def test_unpatchify_exact(backend, device, dtype, case):
     assert torch.equal(yg.grad, yr.grad)
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_unpatchify_non_square_grid(backend, device):
     require(OP_U, backend, device)
     y = torch.randn(2, 6, 2 * 2 * 3, device=device)
@@ -261,7 +243,8 @@ def test_unpatchify_gradcheck(backend):
 
 # ---- torch.library / torch.compile ------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_opcheck_custom_ops(backend, device):
     require(OP, backend, device)
     x, w, b, pos = make_inputs(1, 4, 4, 4, 2, 72, device=device)
@@ -294,20 +277,12 @@ def test_opcheck_native_ops():
 
 
 def test_torch_compile_fullgraph():
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     def f(x, w, b, pos):
         return unpatchify(patch_embed(x, w, b, pos, 2)[..., :8] * 2, 2, 2)
 
-    compiled = torch.compile(f, fullgraph=True, backend=capture)
     x, w, b, pos = make_inputs(2, 4, 4, 4, 2, 72)
     leaves = [t.requires_grad_() for t in (x, w, b)]
-    out = compiled(*leaves, pos)
-    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    out, targets = compile_and_trace(f, *leaves, pos)
     assert torch.ops.dit_fast.patch_embed.default in targets
     assert torch.ops.dit_fast.unpatchify.default in targets
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
@@ -338,7 +313,7 @@ def _bad_patch_embed():
     ]
 
 
-@pytest.mark.parametrize("match,args", _bad_patch_embed(), ids=[c[0] for c in _bad_patch_embed()])
+@pytest.mark.parametrize("match,args", match_cases(_bad_patch_embed()))
 def test_patch_embed_invalid_inputs(match, args):
     with pytest.raises(ValueError, match=match):
         patch_embed(*args)
@@ -359,9 +334,7 @@ def test_unpatchify_invalid_inputs(match, args, kwargs):
 
 
 def test_auto_never_picks_triton_for_cpu_tensors():
-    x = torch.empty(0)
-    assert _backends.select(OP, x) == ("cpu" if HAS_C else "reference")
-    assert _backends.select(OP, x.half()) == "reference"
+    assert_auto_picks_no_interpreter(OP, torch.empty(0))
 
 
 # ---- Triton AOT specializations (compiled for sm_80 / sm_90 by tests/test_triton_aot.py) ------

@@ -13,9 +13,9 @@ import torch
 
 from dit_fast._backends import use_backend
 from dit_fast.diffusion import create_diffusion
-from dit_fast.diffusion.gaussian_diffusion import GaussianDiffusion, ModelMeanType, ModelVarType
+from dit_fast.diffusion.gaussian_diffusion import GaussianDiffusion
 from dit_fast.ops import ddim_step, ddpm_step
-from embed_helpers import BACKEND_DEVICES, BD_IDS, HAS_C, interpreted, require
+from op_helpers import BACKEND_DEVICES, compile_and_trace, match_cases, needs_c, require
 
 S = importlib.import_module("dit_fast.ops.sampler_step")
 OP = S.OP_NAME
@@ -72,7 +72,7 @@ def close(a, b, msg=""):
 
 @pytest.mark.parametrize("combo", DTYPE_COMBOS, ids=COMBO_IDS)
 @pytest.mark.parametrize("var", list(VAR_TYPES))
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_ddpm_step_matches_unfused(backend, device, var, combo):
     mdt, xdt = combo
     require(OP, backend, device, xdt)
@@ -89,7 +89,7 @@ def test_ddpm_step_matches_unfused(backend, device, var, combo):
 
 
 @pytest.mark.parametrize("combo", DTYPE_COMBOS, ids=COMBO_IDS)
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_ddim_step_matches_unfused(backend, device, combo):
     mdt, xdt = combo
     require(OP, backend, device, xdt)
@@ -108,7 +108,7 @@ def test_ddim_step_matches_unfused(backend, device, combo):
                     assert torch.equal(got[k], want[k])
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_odd_sizes_and_batch1(backend, device):
     """Element counts that do not divide the kernels' blocks, batch 1, 2-D x (no spatial dims)."""
     require(OP, backend, device)
@@ -126,7 +126,7 @@ def test_odd_sizes_and_batch1(backend, device):
 
 @pytest.mark.parametrize("mdt", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("guide", [3, "all"])
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_cfg_step_matches_forward_with_cfg(backend, device, guide, mdt):
     """p_sample_step_cfg / ddim_step_cfg on the doubled-batch output == forward_with_cfg's combine
     (as the official code does it) + the unfused step, for the conditional half."""
@@ -218,16 +218,19 @@ def test_unfused_path_when_fusion_does_not_apply():
 
 def test_grad_inputs_use_the_differentiable_reference():
     mo, x, noise = make(True)
-    mo.requires_grad_()
     coefs = S.ddpm_coefs(1.2, 0.6, 0.3, 0.7, -3.0, -2.0, 1.0).expand(3, 8).contiguous()
-    sample, _ = ddpm_step(mo, x, noise, coefs)
+    leaf = mo.clone().requires_grad_()
+    sample, _ = ddpm_step(leaf, x, noise, coefs)
     sample.sum().backward()
-    assert mo.grad is not None and mo.grad.abs().sum() > 0
+    ref = mo.double().requires_grad_()
+    S.ddpm_step_ref(ref, x.double(), noise.double(), coefs.double())[0].sum().backward()
+    assert leaf.grad.abs().sum() > 0
+    torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)
 
 
 # ---- the op itself ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_op_against_reference_without_noise(backend, device):
     require(OP, backend, device)
     mo, x, _ = make(True, device=device)
@@ -241,7 +244,7 @@ def test_op_against_reference_without_noise(backend, device):
                 close(a, b, f"mode {mode}")
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_opcheck(backend, device):
     require(OP, backend, device)
     mo, x, noise = make(True, shape=(2, 4, 3, 3), device=device, batch_mult=2)
@@ -254,7 +257,7 @@ def test_opcheck(backend, device):
                               (m3[:2], x3, None, coefs, 2, False, False, 0.0, 4))
 
 
-@pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
+@needs_c
 def test_opcheck_native_and_checks():
     mo, x, noise = make(True, shape=(2, 4, 9))
     coefs = torch.rand(2, 8) + 0.5
@@ -273,12 +276,6 @@ def test_opcheck_native_and_checks():
 
 
 def test_torch_compile_fullgraph():
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     mo, x, noise = make(True)
     coefs = torch.rand(3, 8) + 0.5
 
@@ -286,9 +283,7 @@ def test_torch_compile_fullgraph():
         s, p = ddpm_step(mo, x, noise, coefs)
         return s * 2, p
 
-    compiled = torch.compile(f, fullgraph=True, backend=capture)
-    got = compiled(mo, x, noise, coefs)
-    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    got, targets = compile_and_trace(f, mo, x, noise, coefs)
     assert torch.ops.dit_fast.sampler_step.default in targets
     want = S.sampler_step_ref(mo, x, noise, coefs, S.MODE_DDPM_LEARNED_RANGE, True)
     close(got[0], want[0] * 2)
@@ -310,7 +305,7 @@ def _bad():
     ]
 
 
-@pytest.mark.parametrize("match,args,kwargs", _bad(), ids=[b[0] for b in _bad()])
+@pytest.mark.parametrize("match,args,kwargs", match_cases(_bad()))
 def test_invalid_inputs(match, args, kwargs):
     with pytest.raises(ValueError, match=match):
         ddpm_step(*args, **kwargs)

@@ -16,10 +16,9 @@ from dit_fast import DiT, _backends, validation
 from dit_fast._backends import KernelValidationWarning, use_backend
 from dit_fast.ops import ln_modulate
 from dit_fast.tolerances import assert_close
+from op_helpers import HAS_C, needs_c
 
 LNM = importlib.import_module("dit_fast.ops.ln_modulate")  # the module: its kernel tables
-HAS_C = _backends._probe("cpu") is None
-needs_c = pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
 
 
 @pytest.fixture(autouse=True)

@@ -1,45 +1,11 @@
 // CPU attention forward vs a naive double-precision reference: out and lse, for fp32 / fp64 /
 // bf16, every compiled ISA path, padded and strided qkv rows, ragged token counts and odd head
 // dims, and thread-count independence (bitwise).
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <random>
-#include <vector>
-
-#include "common/bf16.h"
 #include "cpu/attention.h"
-#include "cpu/isa.h"
 #include "tests/check.h"
 
 using namespace dit_fast;
-
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> {
-  using A = float;
-  static constexpr DType dtype = DType::kFloat32;
-  static float from(double v) { return static_cast<float>(v); }
-  static double to(float v) { return v; }
-  static constexpr double out_tol = 2e-6, lse_tol = 2e-6;  // relative to max |value|
-};
-template <>
-struct Traits<double> {
-  using A = double;
-  static constexpr DType dtype = DType::kFloat64;
-  static double from(double v) { return v; }
-  static double to(double v) { return v; }
-  static constexpr double out_tol = 1e-13, lse_tol = 1e-13;
-};
-template <>
-struct Traits<bf16> {
-  using A = float;
-  static constexpr DType dtype = DType::kBFloat16;
-  static bf16 from(double v) { return to_bf16(static_cast<float>(v)); }
-  static double to(bf16 v) { return to_float(v); }
-  static constexpr double out_tol = 1.0 / 128, lse_tol = 2e-6;
-};
+using namespace dit_test;
 
 struct Case {
   int64_t N, T, H, Dh, row_pad, token_step;  // qkv row stride (3D + row_pad) * token_step
@@ -47,7 +13,10 @@ struct Case {
 
 template <typename T>
 int run_case(const Case& c, int num_threads, std::vector<T>* out_copy = nullptr) {
-  using Tr = Traits<T>;
+  using Tr = Storage<T>;
+  // relative to max |value|
+  const double out_tol = per_storage<T>(2e-6, 1e-13, 1.0 / 128),
+               lse_tol = per_storage<T>(2e-6, 1e-13, 2e-6);
   using A = typename Tr::A;
   const int64_t D = c.H * c.Dh, st = (3 * D + c.row_pad) * c.token_step, sn = st * c.T;
   std::vector<T> qkv(c.N * sn);
@@ -88,10 +57,10 @@ int run_case(const Case& c, int num_threads, std::vector<T>* out_copy = nullptr)
           out_mag = std::max(out_mag, std::fabs(o));
         }
       }
-  CHECK(out_err <= Tr::out_tol * out_mag, "%s N=%lld T=%lld H=%lld Dh=%lld: out err %.3g (mag %.3g)",
+  CHECK(out_err <= out_tol * out_mag, "%s N=%lld T=%lld H=%lld Dh=%lld: out err %.3g (mag %.3g)",
         dtype_name(Tr::dtype), (long long)c.N, (long long)c.T, (long long)c.H, (long long)c.Dh,
         out_err, out_mag);
-  CHECK(lse_err <= Tr::lse_tol * lse_mag, "%s N=%lld T=%lld H=%lld Dh=%lld: lse err %.3g",
+  CHECK(lse_err <= lse_tol * lse_mag, "%s N=%lld T=%lld H=%lld Dh=%lld: lse err %.3g",
         dtype_name(Tr::dtype), (long long)c.N, (long long)c.T, (long long)c.H, (long long)c.Dh,
         lse_err);
   return 0;
@@ -105,15 +74,10 @@ void all_cases() {
 }
 
 int main() {
-  for (cpu::Isa isa : {cpu::Isa::kGeneric, cpu::Isa::kAvx2}) {
-    if (!cpu::isa_supported(isa)) continue;
-    cpu::set_isa(isa);
+  for_each_isa([](cpu::Isa isa) {
     std::printf("ISA %s\n", cpu::isa_name(isa));
-    all_cases<float>();
-    all_cases<double>();
-    all_cases<bf16>();
-  }
-  cpu::set_isa(cpu::Isa::kAuto);
+    for_each_storage([](auto t) { all_cases<decltype(t)>(); });
+  });
   // thread-count independence (bitwise)
   std::vector<float> o1, o3;
   run_case<float>({2, 130, 3, 72, 0, 1}, 1, &o1);

@@ -4,78 +4,23 @@
 // broadcast (stride 0) parameter rows, in-place x_new, edge shapes, and thread-count independence
 // (bitwise). For bf16 the reference LayerNorm is taken of the stored (rounded) x_new, the op's
 // documented semantics.
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <random>
-#include <vector>
-
-#include "common/bf16.h"
 #include "cpu/gated_residual.h"
-#include "cpu/isa.h"
 #include "tests/check.h"
 
 using namespace dit_fast;
-
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> {
-  using A = float;
-  static constexpr DType dtype = DType::kFloat32;
-  static float from(double v) { return static_cast<float>(v); }
-  static double to(float v) { return v; }
-  static constexpr double fwd_tol = 1e-5, bwd_tol = 2e-5;  // relative to the tensor's max
-};
-template <>
-struct Traits<double> {
-  using A = double;
-  static constexpr DType dtype = DType::kFloat64;
-  static double from(double v) { return v; }
-  static double to(double v) { return v; }
-  static constexpr double fwd_tol = 1e-12, bwd_tol = 1e-11;
-};
-template <>
-struct Traits<bf16> {
-  using A = float;
-  static constexpr DType dtype = DType::kBFloat16;
-  static bf16 from(double v) { return to_bf16(static_cast<float>(v)); }
-  static double to(bf16 v) { return to_float(v); }
-  static constexpr double fwd_tol = 1.0 / 128, bwd_tol = 1.0 / 64;
-};
+using namespace dit_test;
 
 struct Case {
   int64_t N, T, D, rs_mult;  // parameter row stride = rs_mult * D (0: one row broadcast)
 };
 
-template <typename V>
-std::vector<double> as_d(const std::vector<V>& v) {
-  std::vector<double> o;
-  o.reserve(v.size());
-  for (const V& x : v) o.push_back(Traits<V>::to(x));
-  return o;
-}
-
-// max |got - want| / max(max |want|, floor)
-double rel_err(const std::vector<double>& got, const std::vector<double>& want, double floor = 1e-30) {
-  double err = 0, mag = floor;
-  for (size_t i = 0; i < want.size(); ++i) {
-    err = std::max(err, std::fabs(got[i] - want[i]));
-    mag = std::max(mag, std::fabs(want[i]));
-  }
-  return want.empty() ? 0 : err / mag;
-}
-
 template <typename T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
-}
-
-template <typename T>
-void test_case(const Case& c, const char* tname, uint32_t seed) {
-  using Tr = Traits<T>;
+void test_case(const Case& c, uint32_t seed) {
+  using Tr = Storage<T>;
+  // relative to the tensor's max
+  const double fwd_tol = per_storage<T>(1e-5, 1e-12, 1.0 / 128),
+               bwd_tol = per_storage<T>(2e-5, 1e-11, 1.0 / 64);
+  const char* tname = dtype_name(Tr::dtype);
   using A = typename Tr::A;
   const int64_t N = c.N, Tn = c.T, D = c.D, rows = N * Tn;
   const int64_t rs = c.rs_mult * D;
@@ -122,7 +67,7 @@ void test_case(const Case& c, const char* tname, uint32_t seed) {
   // ---- reference (double)
   std::vector<double> r_xn(rows * D), r_h(rows * D), r_mean(rows), r_rstd(rows), r_dx(rows * D),
       r_dy(rows * D), r_dg(N * D, 0), r_ds(N * D, 0), r_dc(N * D, 0);
-  std::vector<double> xnd = as_d(xn);  // LN input: x_new as stored
+  std::vector<double> xnd = as_double(xn);  // LN input: x_new as stored
   double dx_scale = 1e-30;
   for (int64_t n = 0; n < N; ++n)
     for (int64_t t = 0; t < Tn; ++t) {
@@ -130,12 +75,7 @@ void test_case(const Case& c, const char* tname, uint32_t seed) {
       const double* r = &xnd[row * D];
       for (int64_t i = 0; i < D; ++i)
         r_xn[row * D + i] = Tr::to(x[row * D + i]) + P(n, 0, i) * Tr::to(y[row * D + i]);
-      double m = 0, v = 0;
-      for (int64_t i = 0; i < D; ++i) m += r[i];
-      m /= D;
-      for (int64_t i = 0; i < D; ++i) v += (r[i] - m) * (r[i] - m);
-      v /= D;
-      const double rs_ = 1.0 / std::sqrt(v + eps);
+      const auto [m, rs_] = row_stats(r, D, eps);
       r_mean[row] = m, r_rstd[row] = rs_;
       double sg = 0, sgx = 0;
       for (int64_t i = 0; i < D; ++i) {
@@ -158,16 +98,16 @@ void test_case(const Case& c, const char* tname, uint32_t seed) {
 #define EXPECT_ERR(e, tol, what)                                                               \
   CHECK((e) <= (tol), "%s %s N=%lld T=%lld D=%lld rs=%lld: %s rel err %.3g > %.3g", tname, isa, \
         (long long)N, (long long)Tn, (long long)D, (long long)c.rs_mult, what, (e), (tol))
-  EXPECT_ERR(rel_err(xnd, r_xn), Tr::fwd_tol / 2, "x_new");
-  EXPECT_ERR(rel_err(as_d(h), r_h), Tr::fwd_tol, "h");
+  EXPECT_ERR(rel_err(xnd, r_xn), fwd_tol / 2, "x_new");
+  EXPECT_ERR(rel_err(as_double(h), r_h), fwd_tol, "h");
   std::vector<double> md(mean.begin(), mean.end()), rd(rstd.begin(), rstd.end());
-  EXPECT_ERR(rel_err(md, r_mean), Tr::fwd_tol, "mean");
-  EXPECT_ERR(rel_err(rd, r_rstd), Tr::fwd_tol, "rstd");
-  EXPECT_ERR(rel_err(as_d(dx), r_dx, dx_scale), Tr::bwd_tol, "dx");
-  EXPECT_ERR(rel_err(as_d(dy), r_dy, dx_scale), Tr::bwd_tol, "dy");
-  EXPECT_ERR(rel_err(as_d(dg), r_dg), Tr::bwd_tol, "dgate");
-  EXPECT_ERR(rel_err(as_d(ds), r_ds), Tr::bwd_tol, "dshift");
-  EXPECT_ERR(rel_err(as_d(dc), r_dc), Tr::bwd_tol, "dscale");
+  EXPECT_ERR(rel_err(md, r_mean), fwd_tol, "mean");
+  EXPECT_ERR(rel_err(rd, r_rstd), fwd_tol, "rstd");
+  EXPECT_ERR(rel_err(as_double(dx), r_dx, dx_scale), bwd_tol, "dx");
+  EXPECT_ERR(rel_err(as_double(dy), r_dy, dx_scale), bwd_tol, "dy");
+  EXPECT_ERR(rel_err(as_double(dg), r_dg), bwd_tol, "dgate");
+  EXPECT_ERR(rel_err(as_double(ds), r_ds), bwd_tol, "dshift");
+  EXPECT_ERR(rel_err(as_double(dc), r_dc), bwd_tol, "dscale");
 
   // dx_new absent == dx_new of zeros
   {
@@ -211,8 +151,8 @@ void test_case(const Case& c, const char* tname, uint32_t seed) {
           w_dy[k] = P(n, 0, i) * Tr::to(dh[k]);
           w_dg[n * D + i] += Tr::to(dh[k]) * Tr::to(y[k]);
         }
-    EXPECT_ERR(rel_err(as_d(pdy), w_dy), Tr::fwd_tol, "plain dy");
-    EXPECT_ERR(rel_err(as_d(pdg), w_dg), Tr::bwd_tol, "plain dgate");
+    EXPECT_ERR(rel_err(as_double(pdy), w_dy), fwd_tol, "plain dy");
+    EXPECT_ERR(rel_err(as_double(pdg), w_dg), bwd_tol, "plain dgate");
     std::vector<T> pdg3(N * D), pdy3(rows * D);
     cpu::gated_residual_bwd(Tr::dtype, dh.data(), y.data(), gate, p_rs, pdy3.data(), pdg3.data(), N,
                             Tn, D, 3);
@@ -228,19 +168,13 @@ int main() {
       {3, 7, 1152, 6}, {1, 257, 1152, 3}, {3, 1, 1152, 0}, {70, 2, 33, 6},  {2, 0, 16, 3},
       {0, 4, 16, 3},   {4, 9, 17, 0},
   };
-  std::vector<cpu::Isa> isas = {cpu::Isa::kGeneric};
-  if (cpu::isa_supported(cpu::Isa::kAvx2)) isas.push_back(cpu::Isa::kAvx2);
-  for (cpu::Isa isa : isas) {
-    CHECK(cpu::set_isa(isa), "set_isa(%s)", cpu::isa_name(isa));
+  for_each_isa([&](cpu::Isa) {
     uint32_t seed = 1;
     for (const Case& c : cases) {
-      test_case<float>(c, "float32", seed);
-      test_case<double>(c, "float64", seed);
-      test_case<bf16>(c, "bfloat16", seed);
+      for_each_storage([&](auto t) { test_case<decltype(t)>(c, seed); });
       ++seed;
     }
-  }
-  cpu::set_isa(cpu::Isa::kAuto);
+  });
   float buf[8] = {0};
   CHECK(cpu::gated_residual_ln_modulate_fwd(DType::kFloat16, buf, buf, buf, 1, buf, 1, buf, 1, buf,
                                             buf, buf, buf, 1, 1, 1, 1e-6) ==

@@ -2,47 +2,15 @@
 // (0.5 v (1 + tanh(u)), torch's formula): forward and backward (dh, dbias), fp32 / fp64 / bf16,
 // every compiled ISA path, row tails (F not a multiple of 8), in-place forward, dh aliasing dout,
 // extreme inputs, thread-count independence (bitwise); plus the accuracy of the AVX2 exp.
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
 #include <limits>
-#include <random>
-#include <vector>
 
-#include "common/bf16.h"
 #include "common/gelu.h"
 #include "cpu/gelu.h"
-#include "cpu/isa.h"
 #include "cpu/vec_avx2.h"
 #include "tests/check.h"
 
 using namespace dit_fast;
-
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> {
-  static constexpr DType dtype = DType::kFloat32;
-  static float from(double v) { return static_cast<float>(v); }
-  static double to(float v) { return v; }
-  // |err| <= rtol |want| + atol_rel * scale, scale = max(1, |v|) (see check_close)
-  static constexpr double rtol = 2e-6, atol = 2e-7;
-};
-template <>
-struct Traits<double> {
-  static constexpr DType dtype = DType::kFloat64;
-  static double from(double v) { return v; }
-  static double to(double v) { return v; }
-  static constexpr double rtol = 1e-13, atol = 1e-15;
-};
-template <>
-struct Traits<bf16> {
-  static constexpr DType dtype = DType::kBFloat16;
-  static bf16 from(double v) { return to_bf16(static_cast<float>(v)); }
-  static double to(bf16 v) { return to_float(v); }
-  static constexpr double rtol = 1.0 / 256, atol = 1e-6;  // one bf16 rounding of an fp32 result
-};
+using namespace dit_test;
 
 double ref_gelu(double v) {
   const double u = gelu::kBeta * (v + gelu::kKappa * v * v * v);
@@ -58,13 +26,16 @@ template <typename T>
 std::vector<T> random_vec(size_t n, std::mt19937& rng, double sd, double mean = 0.0) {
   std::normal_distribution<double> nd(mean, sd);
   std::vector<T> v(n);
-  for (auto& x : v) x = Traits<T>::from(nd(rng));
+  for (auto& x : v) x = Storage<T>::from(nd(rng));
   return v;
 }
 
 template <typename T>
 void test_case(int64_t M, int64_t F, uint32_t seed) {
-  using Tr = Traits<T>;
+  using Tr = Storage<T>;
+  // |err| <= rtol |want| + atol * scale, scale = max(1, |v|); bf16: one rounding of an fp32 result
+  const double rtol = per_storage<T>(2e-6, 1e-13, 1.0 / 256),
+               atol = per_storage<T>(2e-7, 1e-15, 1e-6);
   std::mt19937 rng(seed);
   std::vector<T> h = random_vec<T>(M * F, rng, 2.5), bias = random_vec<T>(F, rng, 0.5),
                  dout = random_vec<T>(M * F, rng, 1.0);
@@ -90,11 +61,11 @@ void test_case(int64_t M, int64_t F, uint32_t seed) {
       want_db[f] += g;
       const double scale = std::fmax(1.0, std::fabs(vr));
       const double ey = std::fabs(Tr::to(out[i]) - y), eg = std::fabs(Tr::to(dh[i]) - g);
-      if (!(ey <= Tr::rtol * std::fabs(y) + Tr::atol * scale) && bad++ < 5)
+      if (!(ey <= rtol * std::fabs(y) + atol * scale) && bad++ < 5)
         CHECK(false, "%s M=%lld F=%lld: gelu(%.9g) = %.9g, want %.9g", isa, (long long)M,
               (long long)F, vr, Tr::to(out[i]), y);
       const double gs = std::fabs(Tr::to(dout[i])) * scale;
-      if (!(eg <= Tr::rtol * std::fabs(g) + 4 * Tr::atol * gs) && bad++ < 5)
+      if (!(eg <= rtol * std::fabs(g) + 4 * atol * gs) && bad++ < 5)
         CHECK(false, "%s M=%lld F=%lld: dh at v=%.9g = %.9g, want %.9g", isa, (long long)M,
               (long long)F, vr, Tr::to(dh[i]), g);
     }
@@ -142,40 +113,28 @@ void test_exp8() {
 #endif
 
 int main() {
-  std::vector<cpu::Isa> isas = {cpu::Isa::kGeneric};
-  if (cpu::isa_supported(cpu::Isa::kAvx2)) isas.push_back(cpu::Isa::kAvx2);
 #if DIT_CPU_HAVE_AVX2_PATH
   if (cpu::isa_supported(cpu::Isa::kAvx2)) test_exp8();
 #endif
   const int64_t shapes[][2] = {{1, 1}, {3, 7}, {1, 8}, {5, 72}, {2, 1000}, {3, 1152}, {257, 17},
                                {0, 16}, {4, 0}, {70, 33}};
-  for (cpu::Isa isa : isas) {
-    CHECK(cpu::set_isa(isa), "set_isa(%s)", cpu::isa_name(isa));
-    uint32_t seed = 1;
-    for (const auto& s : shapes) {
-      test_case<float>(s[0], s[1], seed);
-      test_case<double>(s[0], s[1], seed);
-      test_case<bf16>(s[0], s[1], seed);
-      ++seed;
-    }
-  }
-  cpu::set_isa(cpu::Isa::kAuto);
   // Exact special values: gelu(0) = 0, gelu(+inf) = inf, NaN propagates, the far negative tail
   // is exactly zero.
-  {
-    const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
-    float h[8] = {0.0f, inf, nan, -50.0f, -1e30f, 1e30f, 3.0f, -0.5f}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (cpu::Isa isa : isas) {
-      cpu::set_isa(isa);
-      float o[8];
-      cpu::gelu_bias_fwd(DType::kFloat32, h, b, o, 1, 8, 1);
-      CHECK(o[0] == 0.0f && o[1] == inf && std::isnan(o[2]) && o[3] == 0.0f && o[4] == 0.0f &&
-                o[5] == 1e30f,
-            "%s special values: %g %g %g %g %g %g", cpu::isa_name(isa), o[0], o[1], o[2], o[3],
-            o[4], o[5]);
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const float h[8] = {0.0f, inf, nan, -50.0f, -1e30f, 1e30f, 3.0f, -0.5f}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for_each_isa([&](cpu::Isa isa) {
+    uint32_t seed = 1;
+    for (const auto& s : shapes) {
+      for_each_storage([&](auto t) { test_case<decltype(t)>(s[0], s[1], seed); });
+      ++seed;
     }
-    cpu::set_isa(cpu::Isa::kAuto);
-  }
+    float o[8];
+    cpu::gelu_bias_fwd(DType::kFloat32, h, b, o, 1, 8, 1);
+    CHECK(o[0] == 0.0f && o[1] == inf && std::isnan(o[2]) && o[3] == 0.0f && o[4] == 0.0f &&
+              o[5] == 1e30f,
+          "%s special values: %g %g %g %g %g %g", cpu::isa_name(isa), o[0], o[1], o[2], o[3],
+          o[4], o[5]);
+  });
   float buf[4] = {0, 0, 0, 0};
   CHECK(cpu::gelu_bias_fwd(DType::kFloat16, buf, buf, buf, 1, 1) == Status::kUnsupportedDType,
         "float16 must be rejected on CPU");

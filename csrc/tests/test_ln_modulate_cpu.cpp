@@ -1,46 +1,11 @@
 // CPU ln_modulate kernels vs a naive double-precision reference: forward (y, mean, rstd) and
 // backward (dx, dshift, dscale), for fp32 / fp64 / bf16, every compiled ISA path, strided
 // shift/scale rows, edge shapes, and thread-count independence (bitwise).
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <random>
-#include <vector>
-
-#include "common/bf16.h"
-#include "cpu/isa.h"
 #include "cpu/ln_modulate.h"
 #include "tests/check.h"
 
 using namespace dit_fast;
-
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> {
-  using A = float;
-  static constexpr DType dtype = DType::kFloat32;
-  static float from(double v) { return static_cast<float>(v); }
-  static double to(float v) { return v; }
-  static constexpr double fwd_tol = 1e-5, bwd_tol = 2e-5;  // relative to the row/tensor scale
-};
-template <>
-struct Traits<double> {
-  using A = double;
-  static constexpr DType dtype = DType::kFloat64;
-  static double from(double v) { return v; }
-  static double to(double v) { return v; }
-  static constexpr double fwd_tol = 1e-12, bwd_tol = 1e-11;
-};
-template <>
-struct Traits<bf16> {
-  using A = float;
-  static constexpr DType dtype = DType::kBFloat16;
-  static bf16 from(double v) { return to_bf16(static_cast<float>(v)); }
-  static double to(bf16 v) { return to_float(v); }
-  static constexpr double fwd_tol = 1.0 / 256, bwd_tol = 1.0 / 128;
-};
+using namespace dit_test;
 
 struct Case {
   int64_t N, T, D, stride_mult;  // shift/scale row stride = stride_mult * D
@@ -48,7 +13,6 @@ struct Case {
 
 template <typename T>
 struct Data {
-  using A = typename Traits<T>::A;
   int64_t N, T_, D, srs;
   std::vector<T> x, dy, mod;  // mod: (N, srs) holding shift at column 0 and scale at column D
   std::vector<double> xd, dyd, shiftd, scaled;  // exact values of the stored inputs
@@ -56,7 +20,7 @@ struct Data {
 
 template <typename T>
 Data<T> make_data(const Case& c, uint32_t seed) {
-  using Tr = Traits<T>;
+  using Tr = Storage<T>;
   Data<T> d;
   d.N = c.N, d.T_ = c.T, d.D = c.D;
   d.srs = std::max<int64_t>(c.stride_mult * c.D, 2 * c.D);
@@ -97,12 +61,7 @@ Ref reference(int64_t N, int64_t T, int64_t D, const std::vector<double>& x,
       const int64_t row = n * T + t;
       const double* xr = &x[row * D];
       const double* dyr = &dy[row * D];
-      double m = 0, v = 0;
-      for (int64_t i = 0; i < D; ++i) m += xr[i];
-      m /= D;
-      for (int64_t i = 0; i < D; ++i) v += (xr[i] - m) * (xr[i] - m);
-      v /= D;
-      const double rs = 1.0 / std::sqrt(v + eps);
+      const auto [m, rs] = row_stats(xr, D, eps);
       r.mean[row] = m, r.rstd[row] = rs;
       double sg = 0, sgx = 0;
       for (int64_t i = 0; i < D; ++i) {
@@ -121,77 +80,57 @@ Ref reference(int64_t N, int64_t T, int64_t D, const std::vector<double>& x,
   return r;
 }
 
-// max |got - want| / max(max |want|, min_mag), over one tensor.
-template <typename V>
-double rel_err(const std::vector<V>& got, const std::vector<double>& want, double (*to)(V),
-               double min_mag = 1e-30) {
-  double err = 0, mag = min_mag;
-  for (size_t i = 0; i < want.size(); ++i) {
-    err = std::max(err, std::fabs(to(got[i]) - want[i]));
-    mag = std::max(mag, std::fabs(want[i]));
-  }
-  return want.empty() ? 0 : err / mag;
-}
-template <typename V>
-double as_double(V v) {
-  return static_cast<double>(v);
-}
-
 template <typename T>
 struct Out {
-  using A = typename Traits<T>::A;
+  using A = typename Storage<T>::A;
   std::vector<T> y, dx, dshift, dscale;
   std::vector<A> mean, rstd;
 };
 
 template <typename T>
 Out<T> run(const Data<T>& d, double eps, int threads) {
-  using A = typename Traits<T>::A;
   const int64_t N = d.N, Tn = d.T_, D = d.D;
   Out<T> o;
   o.y.resize(N * Tn * D), o.dx.resize(N * Tn * D), o.dshift.resize(N * D), o.dscale.resize(N * D);
   o.mean.resize(N * Tn), o.rstd.resize(N * Tn);
   const T* shift = d.mod.data();
   const T* scale = d.mod.data() + D;
-  Status s = cpu::ln_modulate_fwd(Traits<T>::dtype, d.x.data(), shift, d.srs, scale, d.srs,
+  Status s = cpu::ln_modulate_fwd(Storage<T>::dtype, d.x.data(), shift, d.srs, scale, d.srs,
                                   o.y.data(), o.mean.data(), o.rstd.data(), N, Tn, D, eps, threads);
   CHECK(s == Status::kOk, "fwd status %s", status_name(s));
-  s = cpu::ln_modulate_bwd(Traits<T>::dtype, d.dy.data(), d.x.data(), scale, d.srs, o.mean.data(),
+  s = cpu::ln_modulate_bwd(Storage<T>::dtype, d.dy.data(), d.x.data(), scale, d.srs, o.mean.data(),
                            o.rstd.data(), o.dx.data(), o.dshift.data(), o.dscale.data(), N, Tn, D,
                            threads);
   CHECK(s == Status::kOk, "bwd status %s", status_name(s));
-  (void)sizeof(A);
   return o;
 }
 
 template <typename T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
-}
-
-template <typename T>
-void test_case(const Case& c, const char* tname, uint32_t seed) {
-  using Tr = Traits<T>;
+void test_case(const Case& c, uint32_t seed) {
+  using Tr = Storage<T>;
+  // relative to the row / tensor scale
+  const double fwd_tol = per_storage<T>(1e-5, 1e-12, 1.0 / 256),
+               bwd_tol = per_storage<T>(2e-5, 1e-11, 1.0 / 128);
   const double eps = 1e-6;
   Data<T> d = make_data<T>(c, seed);
   Ref r = reference(c.N, c.T, c.D, d.xd, d.dyd, d.shiftd, d.scaled, eps);
   Out<T> o = run(d, eps, 1);
-  double (*to)(T) = &Tr::to;
-  using A = typename Tr::A;
-  const double e_y = rel_err(o.y, r.y, to), e_m = rel_err(o.mean, r.mean, &as_double<A>),
-               e_r = rel_err(o.rstd, r.rstd, &as_double<A>), e_dx = rel_err(o.dx, r.dx, to, r.dx_scale),
-               e_ds = rel_err(o.dshift, r.dshift, to), e_dc = rel_err(o.dscale, r.dscale, to);
+  const double e_y = rel_err(as_double(o.y), r.y), e_m = rel_err(as_double(o.mean), r.mean),
+               e_r = rel_err(as_double(o.rstd), r.rstd),
+               e_dx = rel_err(as_double(o.dx), r.dx, r.dx_scale),
+               e_ds = rel_err(as_double(o.dshift), r.dshift), e_dc = rel_err(as_double(o.dscale), r.dscale);
+  const char* tname = dtype_name(Tr::dtype);
   const char* isa = cpu::isa_name(cpu::active_isa());
 #define EXPECT_ERR(e, tol, what)                                                              \
   CHECK((e) <= (tol), "%s %s N=%lld T=%lld D=%lld stride=%lld: %s rel err %.3g > %.3g", tname, \
         isa, (long long)c.N, (long long)c.T, (long long)c.D, (long long)c.stride_mult, what,   \
         (e), (tol))
-  EXPECT_ERR(e_y, Tr::fwd_tol, "y");
-  EXPECT_ERR(e_m, Tr::fwd_tol, "mean");
-  EXPECT_ERR(e_r, Tr::fwd_tol, "rstd");
-  EXPECT_ERR(e_dx, Tr::bwd_tol, "dx");
-  EXPECT_ERR(e_ds, Tr::bwd_tol, "dshift");
-  EXPECT_ERR(e_dc, Tr::bwd_tol, "dscale");
+  EXPECT_ERR(e_y, fwd_tol, "y");
+  EXPECT_ERR(e_m, fwd_tol, "mean");
+  EXPECT_ERR(e_r, fwd_tol, "rstd");
+  EXPECT_ERR(e_dx, bwd_tol, "dx");
+  EXPECT_ERR(e_ds, bwd_tol, "dshift");
+  EXPECT_ERR(e_dc, bwd_tol, "dscale");
 #undef EXPECT_ERR
   // Thread-count independence: bitwise identical with 2 and 3 threads.
   for (int threads : {2, 3}) {
@@ -210,21 +149,15 @@ int main() {
       {3, 7, 1152, 6},  {1, 257, 1152, 6}, {3, 1, 1152, 1}, {70, 2, 33, 6},  {2, 0, 16, 1},
       {0, 4, 16, 1},    {4, 9, 17, 1},
   };
-  std::vector<cpu::Isa> isas = {cpu::Isa::kGeneric};
-  if (cpu::isa_supported(cpu::Isa::kAvx2)) isas.push_back(cpu::Isa::kAvx2);
   std::printf("openmp=%d default_threads=%d auto_isa=%s\n", (int)cpu::has_openmp(),
               cpu::default_num_threads(), cpu::isa_name(cpu::active_isa()));
-  for (cpu::Isa isa : isas) {
-    CHECK(cpu::set_isa(isa), "set_isa(%s)", cpu::isa_name(isa));
+  for_each_isa([&](cpu::Isa) {
     uint32_t seed = 1;
     for (const Case& c : cases) {
-      test_case<float>(c, "float32", seed);
-      test_case<double>(c, "float64", seed);
-      test_case<bf16>(c, "bfloat16", seed);
+      for_each_storage([&](auto t) { test_case<decltype(t)>(c, seed); });
       ++seed;
     }
-  }
-  cpu::set_isa(cpu::Isa::kAuto);
+  });
   // Argument validation.
   float buf[4] = {0, 0, 0, 0};
   CHECK(cpu::ln_modulate_fwd(DType::kFloat16, buf, buf, 1, buf, 1, buf, buf, buf, 1, 1, 1, 1e-6) ==
