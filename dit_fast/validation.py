@@ -149,17 +149,20 @@ class _Phase:
     truth: Optional[Callable]
     peer: Optional[Callable]
     tol_dtype: Optional[torch.dtype]
+    floor: Optional[Callable[[float], float]]
 
 
 def phase(name: str, fn: Callable, inputs: Sequence, names: Sequence[Optional[str]], *,
           kind: str = "fwd", truth: Optional[Callable] = None, peer: Optional[Callable] = None,
-          tol_dtype: Optional[torch.dtype] = None) -> _Phase:
+          tol_dtype: Optional[torch.dtype] = None,
+          floor: Optional[Callable[[float], float]] = None) -> _Phase:
     """One check: ``fn(backend, *inputs)`` -> outputs (a tensor or a tuple), each named in `names`
     (None: not compared). kind: "fwd", or "grad" (run only when gradients are checked; the grad
     tolerances). truth(got) -> the float64 ground truth (default: ``fn("reference", *inputs in
     float64)``). peer() -> PyTorch's own result at the inputs' dtype (None entries: no peer): the
-    bound adds twice its error. tol_dtype: the tolerance row (default: each output's dtype)."""
-    return _Phase(name, fn, tuple(inputs), tuple(names), kind, truth, peer, tol_dtype)
+    bound adds twice its error. tol_dtype: the tolerance row (default: each output's dtype).
+    floor(max|truth|) -> an absolute term added to the bound (e.g. TF32 products' rounding)."""
+    return _Phase(name, fn, tuple(inputs), tuple(names), kind, truth, peer, tol_dtype, floor)
 
 
 def _tuple(out) -> tuple:
@@ -193,6 +196,8 @@ def run_phases(op: str, backend: str, phases: Iterable[_Phase], grad: bool = Tru
             bound = atol + rtol * _max_abs(wd)
             if p is not None:
                 bound += 2 * _max_abs(p.double() - wd)
+            if ph.floor is not None:
+                bound += ph.floor(_max_abs(wd))
             err = float((gd - wd).abs().max()) if g.numel() else 0.0
             if g.shape != w.shape:
                 err = math.nan

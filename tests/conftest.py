@@ -57,3 +57,14 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("gpu") is None and any(
                 _NEEDS_GPU.search(str(m.kwargs.get("reason", ""))) for m in item.iter_markers("skipif")):
             item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture(autouse=True)
+def _restore_tf32_settings():
+    """CLIs run in-process set torch's global TF32 switches (sample_ddp's --tf32, as the official
+    script does); each test starts from the same settings."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+    torch.set_float32_matmul_precision(saved[2])

@@ -16,7 +16,7 @@ from dit_fast import DiT, _backends, validation
 from dit_fast._backends import KernelValidationWarning, use_backend
 from dit_fast.ops import ln_modulate
 from dit_fast.tolerances import assert_close
-from op_helpers import HAS_C, needs_c
+from op_helpers import HAS_C, HAS_TRITON, INTERPRET, needs_c
 
 LNM = importlib.import_module("dit_fast.ops.ln_modulate")  # the module: its kernel tables
 
@@ -280,3 +280,18 @@ def test_validators_accept_degenerate_like_tensors(shape):
     for op, validate in _backends._OP_VALIDATE.items():
         results = validate("cpu", like)
         assert results and all(r.ok for r in results), (op, [r.line() for r in results])
+
+
+@pytest.mark.skipif(not (HAS_TRITON and (INTERPRET or torch.cuda.is_available())),
+                    reason="needs triton (a GPU, or its interpreter)")
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
+def test_attention_validation_follows_the_tf32_mode(monkeypatch, allow_tf32):
+    """fp32 Triton attention runs TF32 dots when torch allows TF32 (a training default): its
+    first-use check must hold it to TF32's accuracy, not reject a correct kernel."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    att = importlib.import_module("dit_fast.ops.attention")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    like = torch.empty(1, 37, 3, 2, 72, device=device)
+    checks = att._validate("triton", like, grad=True)
+    assert [c.what.split(" (")[0] for c in checks] == ["attention fwd", "attention bwd"]
+    assert all(c.ok for c in checks), [c.line() for c in checks]
