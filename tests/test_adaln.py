@@ -11,7 +11,7 @@ import torch.nn as nn
 from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import AdaLNPack, adaln_modulation_ref, timestep_embedding, timestep_embedding_ref
-from embed_helpers import BACKEND_DEVICES, BD_IDS, HAS_C, require
+from op_helpers import BACKEND_DEVICES, HAS_C, require
 
 A = importlib.import_module("dit_fast.ops.adaln")
 OP = A.OP_TIMESTEP_EMBEDDING
@@ -36,7 +36,7 @@ T_CASES = {
 
 @pytest.mark.parametrize("dim", [256, 255, 2, 3, 72])
 @pytest.mark.parametrize("tcase", list(T_CASES))
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_timestep_embedding_matches_official(backend, device, tcase, dim):
     require(OP, backend, device)
     t = T_CASES[tcase].to(device)
@@ -49,7 +49,7 @@ def test_timestep_embedding_matches_official(backend, device, tcase, dim):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64],
                          ids=["bfloat16", "float16", "float64"])
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_timestep_embedding_output_dtype(backend, device, dtype):
     """dtype= fuses `.to(model dtype)`: the float32 embedding rounded once."""
     require(OP, backend, device, dtype)
@@ -64,7 +64,7 @@ def test_timestep_embedding_output_dtype(backend, device, dtype):
         torch.testing.assert_close(out.float(), want.to(dtype).float(), rtol=2 ** -7, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_timestep_embedding_max_period_and_strided_t(backend, device):
     require(OP, backend, device)
     t = torch.arange(0, 40, device=device)[::7]  # non-contiguous
@@ -91,7 +91,7 @@ def test_timestep_embedding_in_model():
         torch.testing.assert_close(emb.mlp(timestep_embedding(t, 256)), emb(t), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_opcheck_timestep_embedding(backend, device):
     require(OP, backend, device)
     t = torch.tensor([1, 500, 999], device=device)

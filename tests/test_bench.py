@@ -48,6 +48,7 @@ def quick_run(tmp_path_factory):
     return json.loads(out.read_text()), out, proc.stdout
 
 
+@pytest.mark.slow
 def test_quick_run_schema(quick_run):
     result, out, stdout = quick_run
     assert {"device", "rows", "peak_tflops", "model", "batch", "torch", "date", "command"} <= set(result)
@@ -114,6 +115,7 @@ def test_bad_arguments_name_the_argument(argv, name, capsys):
 
 # ---------------------------------------------------------------------------- gflops.py
 
+@pytest.mark.slow
 def test_gflops_table():
     rows = {r["model"]: r for r in gflops.gflops_table()}
     assert list(rows) == [f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (8, 4, 2)]

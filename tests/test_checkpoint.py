@@ -46,6 +46,7 @@ def test_official_train_checkpoint_takes_ema(tmp_path):
     _same(load_checkpoint(tmp_path / "0000100.pt", key="model"), model.state_dict())
 
 
+@pytest.mark.slow
 def test_train_checkpoint_config_from_args(tmp_path):
     # an official train.py checkpoint of DiT-S/8 at 64 px: the configuration comes from `args`
     with torch.device("meta"):
@@ -106,6 +107,7 @@ def test_from_pretrained_plain_file_strict(tmp_path):
         from_pretrained(tmp_path / "plain.pt", num_heads=4, depth=3)
 
 
+@pytest.mark.slow
 def test_published_names_use_the_download_path(tmp_path, monkeypatch):
     # No network here: the download is served from a locally written file, through the real code path.
     with torch.device("meta"):

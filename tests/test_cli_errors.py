@@ -56,6 +56,7 @@ SAMPLE = "dit_fast.sample"
 
 
 @pytest.mark.parametrize("scale", ["nan", "inf"])
+@pytest.mark.slow
 def test_sample_non_finite_cfg_scale(ckpt, tmp_path, scale):
     # used to write an all-black PNG and exit 0
     out = tmp_path / "s.png"
@@ -64,6 +65,7 @@ def test_sample_non_finite_cfg_scale(ckpt, tmp_path, scale):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_sample_one_ddpm_step_refused_up_front(ckpt, tmp_path):
     r = run_cli(SAMPLE, "--ckpt", ckpt, "--num-sampling-steps", "1", "--out", tmp_path / "s.png")
     one_error_line(r, SAMPLE, "--num-sampling-steps 1 with --sampler ddpm: ancestral sampling needs at least 2")
@@ -71,6 +73,7 @@ def test_sample_one_ddpm_step_refused_up_front(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm-solver++"])
+@pytest.mark.slow
 def test_sample_learn_sigma_false_checkpoint(tmp_path, sampler):
     """A checkpoint of a fixed-variance model (learn_sigma=False) samples through the CLI, as
     create_diffusion(learn_sigma=False)'s p_sample_loop does."""
@@ -98,6 +101,7 @@ def test_sample_learn_sigma_false_checkpoint(tmp_path, sampler):
         assert np.array_equal(np.asarray(Image.open(out)), make_grid(s.chunk(2)[0], nrow=4))
 
 
+@pytest.mark.slow
 def test_sample_without_pillow_says_so_before_sampling(ckpt, tmp_path):
     r = run_cli(SAMPLE, "--ckpt", ckpt, "--num-sampling-steps", "2", "--out", tmp_path / "s.png", block=["PIL"])
     line = one_error_line(r, SAMPLE, "--out: writing the PNG needs pillow, which is not installed")
@@ -108,6 +112,7 @@ def test_sample_without_pillow_says_so_before_sampling(ckpt, tmp_path):
 @pytest.mark.parametrize("name, content", [("empty.pt", b""), ("random.pt", bytes(range(256)) * 8),
                                            ("bad.safetensors", b"\x10" + b"\0" * 7 + b"{not json}......")],
                          ids=["empty", "random", "bad-header"])
+@pytest.mark.slow
 def test_sample_unreadable_checkpoint(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
@@ -140,6 +145,7 @@ def run_on_full_disk(tmp_path, command):
 
 
 @needs_tmpfs
+@pytest.mark.slow
 def test_sample_on_a_full_disk_leaves_no_partial_png(ckpt, tmp_path):
     r = run_on_full_disk(tmp_path, f"{sys.executable} -m dit_fast.sample --ckpt {ckpt} --num-sampling-steps 2 "
                                    f"--class-labels 0 1 2 3 0 1 2 3 --out $FULL/s.png")
@@ -149,6 +155,7 @@ def test_sample_on_a_full_disk_leaves_no_partial_png(ckpt, tmp_path):
     assert len(err) == 1 and err[0].startswith(f"{SAMPLE}: error: --out ") and "No space left on device" in err[0]
 
 
+@pytest.mark.slow
 def test_sample_failed_write_leaves_no_partial_png(ckpt, tmp_path):
     """The same, by a writer that fails midway (for machines without user namespaces)."""
     code = ("import errno, sys, PIL.Image\n"
@@ -172,6 +179,7 @@ SAMPLE_DDP = "dit_fast.sample_ddp"
 
 
 @pytest.mark.parametrize("scale", ["nan", "inf"])
+@pytest.mark.slow
 def test_sample_ddp_non_finite_cfg_scale(ckpt, tmp_path, scale):
     # NaN used to pass the >= 1 check, sample without guidance and name the folder cfg-nan
     r = run_cli(SAMPLE_DDP, "--ckpt", ckpt, "--sample-dir", tmp_path / "samples", "--num-fid-samples", "2",
@@ -205,6 +213,7 @@ DEMO = "python -m dit_fast.demo"
 
 @pytest.mark.parametrize("missing, package", [("sklearn", "scikit-learn"), ("PIL", "pillow"),
                                               ("matplotlib", "matplotlib")])
+@pytest.mark.slow
 def test_demo_checks_its_packages_before_training(tmp_path, missing, package):
     r = run_cli("dit_fast.demo", "--out", tmp_path / "demo", block=[missing])
     line = one_error_line(r, DEMO, f"the demo needs {package}, which is not installed")
@@ -223,6 +232,7 @@ def test_demo_non_finite_numbers(tmp_path, capsys, flag, value):
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.slow
 def test_train_digits_without_scikit_learn(tmp_path):
     r = run_cli("dit_fast.train", "--dataset", "digits", "--results-dir", tmp_path / "run", block=["sklearn"])
     one_error_line(r, "python -m dit_fast.train", "--dataset digits needs scikit-learn, which is not installed")
@@ -230,6 +240,7 @@ def test_train_digits_without_scikit_learn(tmp_path):
 
 # ----------------------------------------------------------------------------- FID
 
+@pytest.mark.slow
 def test_fid_of_two_statistics_files_needs_no_weights(tmp_path):
     """Both inputs precomputed (mu, sigma): no Inception weights are looked for."""
     from dit_fast.eval.fid import frechet_distance

@@ -30,6 +30,7 @@ def _run(cmd, cwd, timeout):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_cmake_build_and_ctest(tmp_path):
     build = tmp_path / "build"
     cuda = "ON" if os.environ.get("DIT_FAST_TEST_CMAKE_CUDA") == "1" else "OFF"

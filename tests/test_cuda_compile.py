@@ -59,6 +59,7 @@ def test_there_are_cuda_sources():
 
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
 @pytest.mark.parametrize("macros", [False, True], ids=["plain", "torch-macros"])
+@pytest.mark.slow
 def test_cu_compiles_alone(cu, macros, tmp_path):
     cmd = [NVCC, "-std=c++17", "-I", str(CSRC), *ARCH, "-c", str(cu), "-o", str(tmp_path / "k.o")]
     if macros:
@@ -68,6 +69,7 @@ def test_cu_compiles_alone(cu, macros, tmp_path):
 
 
 @pytest.mark.parametrize("binding", sorted((CSRC / "cuda").glob("binding*.cpp")), ids=lambda p: p.name)
+@pytest.mark.slow
 def test_cuda_binding_syntax(binding, tmp_path):
     """g++ -fsyntax-only on each csrc/cuda/binding*.cpp with torch + CUDA headers (a CPU-only torch
     wheel lacks one generated CUDA header; a stub stands in for it)."""

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_helpers import one_thread  # noqa: F401  (autouse: one CPU thread per test)
 from dit_fast.data import load_digits_images
 from dit_fast.eval import digits as D
 from dit_fast.eval.stats import feature_stats, frechet_distance
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU runs: one thread
 
 
 def test_frechet_distance_matches_the_reference_formula():
@@ -40,6 +41,7 @@ def test_digits_images_and_uint8_round_trip():
         load_digits_images(12)
 
 
+@pytest.mark.slow
 def test_classifier_recognises_real_digits_and_is_deterministic():
     clf = D.train_classifier(16, epochs=6)
     assert clf.val_accuracy >= 0.94, clf.val_accuracy           # held-out real digits
@@ -56,6 +58,7 @@ def test_classifier_recognises_real_digits_and_is_deterministic():
     assert torch.equal(one.model.fc2.weight, D.train_classifier(8, epochs=1).model.fc2.weight)
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path, capsys):
     from PIL import Image
 

@@ -20,6 +20,7 @@ def _toy_eps(seed=0, channels=4):
 
 
 @pytest.mark.parametrize("steps", [1, 2, 7, 20])
+@pytest.mark.slow
 def test_matches_diffusers_dpmsolver_multistep(steps):
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DPMSolverMultistepScheduler(

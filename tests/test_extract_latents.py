@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_helpers import one_thread  # noqa: F401  (autouse: one CPU thread per test)
 from dit_fast.extract_latents import main as extract_main
 from dit_fast.train import ImageFolder, LatentDataset, SampleKey, make_args, read_metrics, train
 from dit_fast.train.data import preprocess
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU runs: one thread
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -164,6 +165,7 @@ def folder_with_a_bad_image(image_folder, tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_stops_training_with_one_line(vae_dir, folder_with_a_bad_image, tmp_path):
     r = _train_cli("--data-path", folder_with_a_bad_image, "--vae", vae_dir, "--image-size", IMAGE_SIZE,
                    "--max-steps", "3", "--num-workers", "1", "--results-dir", tmp_path / "run")
@@ -173,6 +175,7 @@ def test_an_unreadable_image_stops_training_with_one_line(vae_dir, folder_with_a
     assert "pass --skip-bad-images" in err[0] and "training stopped at step" in err[0]
 
 
+@pytest.mark.slow
 def test_skip_bad_images_counts_them(vae_dir, folder_with_a_bad_image, tmp_path):
     import os
 
@@ -207,6 +210,7 @@ def test_skip_bad_images_replaces_by_the_next_readable(folder_with_a_bad_image):
     assert skipped == ds.samples[bad][0]
 
 
+@pytest.mark.slow
 def test_truncated_latents_shard_is_named(vae_dir, image_folder, tmp_path):
     out = tmp_path / "lat"
     assert extract_main(["--data-path", str(image_folder), "--out", str(out), "--image-size", str(IMAGE_SIZE),

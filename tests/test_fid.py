@@ -150,6 +150,7 @@ def weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_cli_fid_with_local_weights(weights, tmp_path, capsys, monkeypatch):
     from dit_fast.eval import fid as fid_module
 

@@ -99,6 +99,7 @@ def _counted_flops(model, batch=2):
     return counter.get_total_flops() / batch, counter.get_flop_counts()["Global"]
 
 
+@pytest.mark.slow
 def test_flop_counter_dit_s8():
     torch.manual_seed(0)
     model = DiT_models["DiT-S/8"](input_size=32).eval()

@@ -6,26 +6,16 @@ there is no GPU (TRITON_INTERPRET=1, set by conftest.py). Backends that cannot r
 with the registry's reason.
 """
 
-import os
 
 import pytest
 import torch
 
-from dit_fast import _backends
 from dit_fast._backends import use_backend
 from dit_fast.ops import taylor_forecast, taylor_forecast_ref, taylor_weights
 from dit_fast.ops.forecast import OP_NAME
 from dit_fast.tolerances import assert_close
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and not HAS_CUDA
-
-BACKEND_DEVICES = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cuda")]
-if INTERPRET:
-    BACKEND_DEVICES.append(("triton", "cpu"))
-if HAS_CUDA:
-    BACKEND_DEVICES.append(("reference", "cuda"))
-BD_IDS = [f"{b}-{d}" for b, d in BACKEND_DEVICES]
+from op_helpers import BACKEND_DEVICES, require
 
 # (K, feature shape): batch 1, odd token counts and hidden sizes, sizes not dividing the blocks
 SHAPES = [(1, (1, 1, 72)), (2, (1, 7, 72)), (3, (3, 5, 1000)), (4, (2, 257, 72)), (3, (1, 9, 1152)),
@@ -33,25 +23,15 @@ SHAPES = [(1, (1, 1, 72)), (2, (1, 7, 72)), (3, (3, 5, 1000)), (4, (2, 257, 72))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
-def require(backend, device, dtype):
-    if device == "cuda" and not HAS_CUDA:
-        pytest.skip("no CUDA device")
-    try:
-        with use_backend(backend):
-            _backends.select(OP_NAME, torch.empty(0, device=device, dtype=dtype))
-    except RuntimeError as e:
-        pytest.skip(str(e))
-
-
 def factor_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("K,shape", SHAPES, ids=[f"K{k}-{'x'.join(map(str, s))}" for k, s in SHAPES])
 def test_matches_reference(backend, device, dtype, K, shape):
-    require(backend, device, dtype)
+    require(OP_NAME, backend, device, dtype)
     g = torch.Generator().manual_seed(K * 1000 + len(shape))
     factors = torch.randn(K, *shape, generator=g, dtype=factor_dtype(dtype)).to(device)
     w = taylor_weights(2.0, K)
@@ -64,10 +44,10 @@ def test_matches_reference(backend, device, dtype, K, shape):
     assert_close(out.cpu(), expected.cpu(), msg=f"{backend} {dtype}")
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BD_IDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_order0_is_plain_reuse(backend, device):
     """One factor with weight 1: the cached feature itself, bit for bit (one rounding to out)."""
-    require(backend, device, torch.bfloat16)
+    require(OP_NAME, backend, device, torch.bfloat16)
     f = torch.randn(1, 3, 33, 200, device=device)
     for dtype in (torch.float32, torch.bfloat16):
         out = torch.empty(3, 33, 200, dtype=dtype, device=device)
@@ -78,7 +58,7 @@ def test_order0_is_plain_reuse(backend, device):
 
 def test_cpu_kernel_rounds_like_reference():
     """Separate multiply and add in the kernel, as in the reference: float32 results agree exactly."""
-    require("cpu", "cpu", torch.float32)
+    require(OP_NAME, "cpu", "cpu", torch.float32)
     f = torch.randn(4, 3, 1001)
     w = taylor_weights(3.0, 4)
     out = torch.empty(3, 1001)

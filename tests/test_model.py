@@ -65,6 +65,7 @@ def test_factories_come_from_the_config_table():
     assert pickle.loads(pickle.dumps(dit.DiT_XL_2)) is dit.DiT_XL_2
 
 
+@pytest.mark.slow
 def test_state_dict_keys_match_every_official_configuration(golden):
     for key, shapes in golden["manifest"].items():
         name, image_size = key.split("@")

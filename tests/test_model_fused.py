@@ -147,6 +147,7 @@ def official_forward(m, x, t, y):
 
 
 @pytest.mark.parametrize("block", BLOCK_TYPES)
+@pytest.mark.slow
 def test_reference_backend_is_the_official_math_and_fused_is_close(block):
     model = make_model(block, dict(S2, depth=3))
     x, t, y = make_inputs(3)
@@ -273,6 +274,7 @@ TINY_TRITON = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=64, de
 
 @pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="needs triton and TRITON_INTERPRET=1 "
                     "without a GPU (the GPU run of the Triton backend is untested here)")
+@pytest.mark.slow
 def test_forced_triton_backend_interpreter():
     """use_backend("triton") on CPU tensors under Triton's interpreter: every op of the model runs
     its Triton kernel (tiny shapes: the interpreter is slow)."""
@@ -286,6 +288,7 @@ def test_forced_triton_backend_interpreter():
 
 # ---- torch.compile ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_compile_fullgraph_matches_eager(monkeypatch):
     """torch.compile(fullgraph=True) of the fused model (forward + backward: one AOT-autograd
     graph), with the NVTX ranges switched on (they must not break the graph)."""
@@ -307,6 +310,7 @@ def test_compile_fullgraph_matches_eager(monkeypatch):
 
 # ---- AdaLNPack inside the model ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_adaln_pack_follows_parameter_updates():
     """The stacked adaLN weight is cached between calls; optimizer steps, load_state_dict and .to()
     must all be seen by the next forward."""

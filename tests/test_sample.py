@@ -62,6 +62,7 @@ def test_eager_loop_is_the_official_loop(kind):
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "dpm-solver++"])
+@pytest.mark.slow
 def test_compiled_loop_matches_eager(kind):
     """The traced step (one graph, no breaks: fullgraph=True) gives the eager samples; aot_eager keeps
     the arithmetic unchanged, so the match is exact. The runner compiles once for several batches."""
@@ -160,6 +161,7 @@ def test_cli_pixel_model_solvers_and_flags(pixel_ckpt, tmp_path):
     assert _png(out).shape == (12, 22, 3)
 
 
+@pytest.mark.slow
 def test_cli_decodes_with_a_local_vae(latent_ckpt, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
@@ -209,6 +211,7 @@ def test_cli_missing_checkpoint_and_pixel_vae(pixel_ckpt, tmp_path, capsys):
     assert len(err) == 1 and "--vae mse: the model works in pixel space" in err[0]
 
 
+@pytest.mark.slow
 def test_module_entry_point_random_model(tmp_path):
     """`python -m dit_fast.sample` with no --ckpt: a warning, a progress bar, a PNG."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -39,6 +39,7 @@ def _load(path):
         return {k: f[k] for k in f.files}
 
 
+@pytest.mark.slow
 def test_two_processes_gloo_match_one_process_and_resume(ckpt, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}

@@ -26,6 +26,7 @@ def clean_run(tmp_path_factory):
     return r, out
 
 
+@pytest.mark.slow
 def test_selftest_passes_on_cpu(clean_run):
     r, _ = clean_run
     assert r.returncode == 0, r.stdout + r.stderr
@@ -39,6 +40,7 @@ def test_selftest_passes_on_cpu(clean_run):
     assert any("sample compile hd72" in ln and ln.startswith(("PASS", "SKIP")) for ln in lines)
 
 
+@pytest.mark.slow
 def test_selftest_json_holds_every_check(clean_run):
     r, out = clean_run
     checks = json.loads(out.read_text())
@@ -68,6 +70,7 @@ BROKEN_GELU = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_selftest_catches_a_broken_kernel():
     """The C++ CPU gelu_bias kernels replaced by one 1% off (first-use validation off, so the
     broken kernel serves the fused model): the fp32 forwards and training gradients fail and are
@@ -88,6 +91,7 @@ def test_selftest_catches_a_broken_kernel():
     (["--ops", "ln_modulate,nope"], "--ops: unknown op(s) nope"),
     (["--interpreter", "--device", "cuda"], "error: "),
 ])
+@pytest.mark.slow
 def test_bad_arguments_exit_2(args, message):
     r = run(args, timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr
@@ -95,6 +99,7 @@ def test_bad_arguments_exit_2(args, message):
     assert "PASS" not in r.stdout
 
 
+@pytest.mark.slow
 def test_dit_fast_selftest_command():
     r = subprocess.run([sys.executable, "-m", "dit_fast.cli", "selftest", "--help"], capture_output=True,
                        text=True, timeout=300, cwd=ROOT,

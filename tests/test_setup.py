@@ -102,6 +102,7 @@ def _cuobjdump():
 
 @needs_nvcc
 @pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found")
+@pytest.mark.slow
 def test_default_targets_compile_to_sm80_sm90a_code_and_compute90_ptx(tmp_path):
     src = tmp_path / "k.cu"
     src.write_text("__global__ void k(float* x) { x[threadIdx.x] *= 2.0f; }\n")

@@ -117,6 +117,7 @@ def train_step(model, opt, seed=0):
 
 @pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("opt", ["sgd", "adamw-foreach", "adamw-fused"])
+@pytest.mark.slow
 def test_optimizer_steps(be, opt):
     with backend(be):
         model = make_model()
@@ -255,6 +256,7 @@ def test_deepcopy(be, how):
 
 @pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+@pytest.mark.slow
 def test_diffusers_ema_model(be, foreach):
     """diffusers' EMAModel: store, copy_to (EMA weights in), restore (training weights back)."""
     from diffusers.training_utils import EMAModel

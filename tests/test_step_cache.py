@@ -29,6 +29,7 @@ def test_threshold_zero_is_the_plain_model(block):
     assert cache.num_calls == 3 and cache.num_reused == 0
 
 
+@pytest.mark.slow
 def test_full_sampling_run_unchanged_at_threshold_zero_and_with_cfg():
     m = _model()
     cache = StepCache(m, threshold=0.0)
@@ -73,6 +74,7 @@ def test_reused_step_is_shallow_blocks_plus_cached_residual():
     assert cache.deep_fraction == 0.75
 
 
+@pytest.mark.slow
 def test_accumulator_threshold_max_reuse_and_reset():
     m = _model()
     x, y = torch.randn(2, 4, 8, 8), torch.tensor([0, 1])
@@ -98,6 +100,7 @@ def test_accumulator_threshold_max_reuse_and_reset():
         assert cache.num_reused == 0
 
 
+@pytest.mark.slow
 def test_caching_saves_model_work_in_a_sampling_run():
     m = _model()
     calls = {"n": 0}

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_helpers import one_thread  # noqa: F401  (autouse: one CPU thread per test)
 from dit_fast import DiT
 from dit_fast.checkpoint import from_pretrained
 from dit_fast.models.dit import get_2d_sincos_pos_embed
 from dit_fast.train import TrainingError, main, make_args, read_metrics, train, update_ema
 from dit_fast.train.data import SampleKey, TrainSampler, center_crop_arr, preprocess
 from dit_fast.train.state import atomic_save, list_checkpoints
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU runs: one thread
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="digits", image_size=8, model="DiT-S/4", depth=1, hidden_size=32, num_heads=2,
@@ -169,6 +170,7 @@ def test_resume_from_python_takes_the_saved_arguments(reference, tmp_path):
     assert [got[s] for s in (11, 12)] == [ref[s] for s in (11, 12)]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_between_checkpoints(reference, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "dit_fast.train", *TINY_FLAGS, "--max-steps", "30", "--ckpt-every", "10",
@@ -271,6 +273,7 @@ def test_bad_arguments_get_one_error_line(argv, env, needle, tmp_path, capsys, m
     assert len(err) == 1 and needle in err[0], err
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dit_fast.cli", "train", "--data-path", str(tmp_path / "nope")],
                          env=_env(), capture_output=True, text=True, timeout=120)
@@ -392,6 +395,7 @@ def test_preprocessing_is_the_official_transform():
 
 # --------------------------------------------------------------------------- DDP
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -426,6 +430,7 @@ def _train_cli(*args, **kw):
                           capture_output=True, text=True, timeout=300, **kw)
 
 
+@pytest.mark.slow
 def test_resume_with_another_width_is_one_full_line(reference, tmp_path):
     r = _train_cli("--resume", reference / "checkpoints" / "0000010.pt", "--hidden-size", "64", "--max-steps", "12",
                    "--results-dir", tmp_path / "run")
@@ -474,6 +479,7 @@ def test_no_host_sync_between_log_steps_on_cuda(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None or sys.platform != "linux", reason="needs unshare (Linux)")
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_is_one_line(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

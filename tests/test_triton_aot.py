@@ -121,6 +121,7 @@ def test_there_are_kernel_modules():
 
 
 @pytest.mark.parametrize("module", MODULES)
+@pytest.mark.slow
 def test_every_kernel_compiles_for_sm80_and_sm90(module, aot_report):
     entry = aot_report[module]
     assert not entry["errors"], "\n".join(entry["errors"])
