@@ -167,3 +167,16 @@ def compile_and_trace(fn, *args):
 def match_cases(cases):
     """pytest params of (match, *args) cases, each with its expected-error text as id."""
     return [pytest.param(*case, id=case[0]) for case in cases]
+
+
+def perturbed_dit(seed: int = 0, **config):
+    """A DiT(**config) in eval mode, seeded, with every trained parameter moved off its init
+    (adaLN-Zero starts at zero: every weight must matter in a test)."""
+    from dit_fast import DiT
+    torch.manual_seed(seed)
+    m = DiT(**config).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return m

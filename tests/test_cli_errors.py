@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from dit_fast import DiT, save_checkpoint
+from dit_fast import save_checkpoint
+from op_helpers import perturbed_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -33,14 +34,8 @@ def one_error_line(r, prog, needle, status=2):
 
 
 def _tiny(learn_sigma=True, in_channels=3, seed=0):
-    torch.manual_seed(seed)
-    m = DiT(input_size=8, patch_size=4, in_channels=in_channels, hidden_size=32, depth=1, num_heads=2,
-            num_classes=4, learn_sigma=learn_sigma).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    return m
+    return perturbed_dit(seed, input_size=8, patch_size=4, in_channels=in_channels, hidden_size=32, depth=1,
+                         num_heads=2, num_classes=4, learn_sigma=learn_sigma)
 
 
 @pytest.fixture(scope="module")

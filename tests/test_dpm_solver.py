@@ -19,15 +19,21 @@ def _toy_eps(seed=0, channels=4):
     return eps
 
 
-@pytest.mark.parametrize("steps", [1, 2, 7, 20])
-@pytest.mark.slow
-def test_matches_diffusers_dpmsolver_multistep(steps):
+def _diffusers_scheduler(algorithm_type, steps):
+    """diffusers' DPMSolverMultistepScheduler set up as our solver (DiT's linear schedule, order 2)."""
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, solver_order=2,
-        algorithm_type="dpmsolver++", prediction_type="epsilon", final_sigmas_type="zero",
+        algorithm_type=algorithm_type, prediction_type="epsilon", final_sigmas_type="zero",
         timestep_spacing="linspace")
     sched.set_timesteps(steps)
+    return sched
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 20])
+@pytest.mark.slow
+def test_matches_diffusers_dpmsolver_multistep(steps):
+    sched = _diffusers_scheduler("dpmsolver++", steps)
     eps = _toy_eps()
     x_T = torch.randn(3, 4, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     x = x_T.clone()
@@ -43,12 +49,7 @@ def test_matches_diffusers_dpmsolver_multistep(steps):
 @pytest.mark.parametrize("steps", [1, 2, 7, 20])
 def test_sde_variant_matches_diffusers_sde_dpmsolver(steps):
     """SDE-DPM-Solver++(2M) == diffusers' algorithm_type="sde-dpmsolver++" given the same noise."""
-    diffusers = pytest.importorskip("diffusers")
-    sched = diffusers.DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, solver_order=2,
-        algorithm_type="sde-dpmsolver++", prediction_type="epsilon", final_sigmas_type="zero",
-        timestep_spacing="linspace")
-    sched.set_timesteps(steps)
+    sched = _diffusers_scheduler("sde-dpmsolver++", steps)
     eps = _toy_eps()
     g = torch.Generator().manual_seed(1)
     x_T = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64)

@@ -13,19 +13,14 @@ from dit_fast import DiT, save_checkpoint
 from dit_fast.diffusion import create_diffusion
 from dit_fast.sample import main, make_grid
 from dit_fast.sampling import LoopRunner, make_sampler, sample_loop
+from op_helpers import perturbed_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny(in_channels=4, input_size=8, num_classes=6, seed=0, dropout=0.1):
-    torch.manual_seed(seed)
-    m = DiT(input_size=input_size, patch_size=2, in_channels=in_channels, hidden_size=32, depth=2, num_heads=2,
-            num_classes=num_classes, class_dropout_prob=dropout).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    return m
+    return perturbed_dit(seed, input_size=input_size, patch_size=2, in_channels=in_channels, hidden_size=32,
+                         depth=2, num_heads=2, num_classes=num_classes, class_dropout_prob=dropout)
 
 
 @pytest.fixture(scope="module")

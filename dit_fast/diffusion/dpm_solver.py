@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..ops.sampler_step import MODE_DDIM, ddim_coefs, sampler_step
-from .gaussian_diffusion import NAMED_BETA_SCHEDULES, _check_num_steps, _infer_device, get_named_beta_schedule
+from .gaussian_diffusion import NAMED_BETA_SCHEDULES, _check_num_steps, get_named_beta_schedule, loop_start
 
 __all__ = ["DPMSolverPlusPlus", "create_dpm_solver", "dpm_solver_pp_update", "SKIP_TYPES"]
 
@@ -247,21 +247,7 @@ class DPMSolverPlusPlus:
         progress: bool = False,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """Yield {'sample', 'pred_xstart'} after each step."""
-        if not isinstance(shape, (tuple, list)):
-            raise ValueError(f"shape must be a tuple or list like (N, C, H, W), got {type(shape).__name__}")
-        if device is None:
-            device = noise.device if noise is not None else _infer_device(model)
-        if noise is not None:
-            if tuple(noise.shape) != tuple(shape):
-                raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(noise.shape)}")
-            x = noise
-        else:
-            x = torch.randn(*shape, device=device)
-        indices: Any = self.step_indices()
-        if progress:
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices)
+        x, indices, _ = loop_start(model, shape, noise, device, self.step_indices(), progress)
         state = self.init_state(x)
         for i in indices:
             it = torch.full((shape[0],), i, device=x.device, dtype=torch.long)

@@ -756,22 +756,7 @@ class GaussianDiffusion:
     def _loop_setup(
         self, model: Model, shape: Sequence[int], noise: Optional[torch.Tensor], device: Any, progress: bool
     ) -> Tuple[torch.Tensor, Any, torch.device]:
-        if not isinstance(shape, (tuple, list)):
-            raise ValueError(f"shape must be a tuple or list like (N, C, H, W), got {type(shape).__name__}")
-        if device is None:
-            device = noise.device if noise is not None else _infer_device(model)
-        if noise is not None:
-            if tuple(noise.shape) != tuple(shape):
-                raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(noise.shape)}")
-            img = noise
-        else:
-            img = torch.randn(*shape, device=device)
-        indices: Any = list(range(self.num_timesteps))[::-1]
-        if progress:
-            from tqdm.auto import tqdm  # lazy: tqdm is only needed for progress bars
-
-            indices = tqdm(indices)
-        return img, indices, torch.device(device)
+        return loop_start(model, shape, noise, device, list(range(self.num_timesteps))[::-1], progress)
 
     def p_sample_loop(
         self,
@@ -1003,6 +988,28 @@ class GaussianDiffusion:
             "xstart_mse": torch.stack(xstart_mse, dim=1),
             "mse": torch.stack(mse, dim=1),
         }
+
+
+def loop_start(model: Model, shape: Sequence[int], noise: Optional[torch.Tensor], device: Any,
+               indices: Sequence[int], progress: bool) -> Tuple[torch.Tensor, Any, torch.device]:
+    """A sampling loop's start: the initial x (`noise`, checked against `shape`, or fresh noise on
+    `device`, by default the noise's or the model's), the step indices (behind a tqdm bar with
+    `progress`) and the device."""
+    if not isinstance(shape, (tuple, list)):
+        raise ValueError(f"shape must be a tuple or list like (N, C, H, W), got {type(shape).__name__}")
+    if device is None:
+        device = noise.device if noise is not None else _infer_device(model)
+    if noise is not None:
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(noise.shape)}")
+        x = noise
+    else:
+        x = torch.randn(*shape, device=device)
+    if progress:
+        from tqdm.auto import tqdm  # lazy: tqdm is only needed for progress bars
+
+        indices = tqdm(indices)
+    return x, indices, torch.device(device)
 
 
 def _infer_device(model: Model) -> torch.device:

@@ -22,17 +22,17 @@ eagerly, not inside a CUDA graph.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
-import torch.nn as nn
 
 from ..models.dit import DiT
+from .feature_cache import FeatureCache
 
 __all__ = ["StepCache"]
 
 
-class StepCache(nn.Module):
+class StepCache(FeatureCache):
     """A DiT wrapper that reuses the deep blocks' residual across sampling steps (see module doc).
 
     :param model: the DiT (its weights are shared, not copied).
@@ -43,9 +43,7 @@ class StepCache(nn.Module):
 
     def __init__(self, model: DiT, threshold: float = 0.1, shallow_blocks: int = 1,
                  max_reuse: Optional[int] = None) -> None:
-        super().__init__()
-        if not isinstance(model, DiT):
-            raise ValueError(f"model must be a dit_fast DiT, got {type(model).__name__}")
+        super().__init__(model)
         depth = len(model.blocks)
         if not isinstance(shallow_blocks, int) or not 1 <= shallow_blocks < depth:
             raise ValueError(f"shallow_blocks must be an int in [1, {depth - 1}] for a depth-{depth} model, "
@@ -54,7 +52,6 @@ class StepCache(nn.Module):
             raise ValueError(f"threshold must be >= 0, got {threshold!r}")
         if max_reuse is not None and (not isinstance(max_reuse, int) or max_reuse < 1):
             raise ValueError(f"max_reuse must be None or a positive int, got {max_reuse!r}")
-        self.model = model
         self.threshold = float(threshold)
         self.shallow_blocks = shallow_blocks
         self.max_reuse = max_reuse
@@ -62,19 +59,6 @@ class StepCache(nn.Module):
         self.num_reused = 0         # of which reused the deep blocks
         self.changes = []           # relative L1 change of the probe at each call after a run's first
         self.reset()
-
-    # attributes DiT.forward_with_cfg and samplers read
-    @property
-    def in_channels(self) -> int:
-        return self.model.in_channels
-
-    @property
-    def num_classes(self) -> int:
-        return self.model.num_classes
-
-    @property
-    def config(self) -> dict:
-        return self.model.config
 
     def reset(self) -> None:
         """Forget the cache (start of a new sampling run)."""
@@ -134,10 +118,6 @@ class StepCache(nn.Module):
             self._run = 0
             h = h_deep
         return m.head(h, c, T, mods, h_final)
-
-    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Union[int, str] = 3):
-        """DiT.forward_with_cfg through the cache (one decision for both halves)."""
-        return DiT.forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=guide_channels)
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}, shallow_blocks={self.shallow_blocks}, max_reuse={self.max_reuse}"

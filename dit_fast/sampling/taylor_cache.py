@@ -38,14 +38,14 @@ loop only, not compiled or captured in a CUDA graph (LoopRunner mode "eager").
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from ..diffusion.gaussian_diffusion import get_named_beta_schedule
 from ..models.dit import DiT
+from .feature_cache import FeatureCache
 from ..ops import gated_residual, taylor_forecast, taylor_weights
 from ..ops.forecast import MAX_FACTORS
 
@@ -54,7 +54,7 @@ __all__ = ["TaylorCache", "FEATURES"]
 FEATURES = ("output", "final", "blocks")
 
 
-class TaylorCache(nn.Module):
+class TaylorCache(FeatureCache):
     """A DiT wrapper that forecasts features between full model evaluations (see module doc).
 
     :param model: the DiT (its weights are shared, not copied).
@@ -71,9 +71,7 @@ class TaylorCache(nn.Module):
     def __init__(self, model: DiT, num_steps: int, interval: int = 4, order: int = 1, first_steps: int = 2,
                  last_steps: int = 1, features: str = "output",
                  alphas_cumprod: Optional[Sequence[float]] = None) -> None:
-        super().__init__()
-        if not isinstance(model, DiT):
-            raise ValueError(f"model must be a dit_fast DiT, got {type(model).__name__}")
+        super().__init__(model)
         for name, value, lo in (("num_steps", num_steps, 1), ("interval", interval, 1), ("order", order, 0),
                                 ("first_steps", first_steps, 1), ("last_steps", last_steps, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -89,7 +87,6 @@ class TaylorCache(nn.Module):
             betas = get_named_beta_schedule("linear", 1000)
             alphas_cumprod = np.cumprod(1.0 - betas)
         self.alphas_cumprod = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64))
-        self.model = model
         self.num_steps = num_steps
         self.interval = interval
         self.order = order
@@ -99,19 +96,6 @@ class TaylorCache(nn.Module):
         self.num_full = 0            # full model evaluations since construction / reset_stats()
         self.num_forecast = 0        # forecast-only calls
         self.reset()
-
-    # attributes DiT.forward_with_cfg and samplers read
-    @property
-    def in_channels(self) -> int:
-        return self.model.in_channels
-
-    @property
-    def num_classes(self) -> int:
-        return self.model.num_classes
-
-    @property
-    def config(self) -> dict:
-        return self.model.config
 
     def reset(self) -> None:
         """Forget the cached features (start of a new sampling run)."""
@@ -256,10 +240,6 @@ class TaylorCache(nn.Module):
             else:                                                       # adaLN: ungated residuals
                 h = h + a + mm
         return m.head(h, c, T, mods)
-
-    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Union[int, str] = 3):
-        """DiT.forward_with_cfg through the cache (the conditional and null halves share a schedule)."""
-        return DiT.forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=guide_channels)
 
     def extra_repr(self) -> str:
         return (f"num_steps={self.num_steps}, interval={self.interval}, order={self.order}, "
