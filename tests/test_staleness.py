@@ -53,6 +53,13 @@ def new_values(model, seed):
     return {k: v.detach().to(model.pos_embed.dtype) for k, v in src.named_parameters() if v.requires_grad}
 
 
+def assign_data(model, new):
+    """param.data = new value (a fresh tensor) for every parameter named in `new`."""
+    for name, p in model.named_parameters():
+        if name in new:
+            p.data = new[name].clone()
+
+
 def make_model(seed=0):
     return randomize(DiT(**CFG), seed).eval()
 
@@ -180,9 +187,7 @@ def test_param_data_assignment(be):
         model = make_model()
         before = prime(model)
         new = new_values(model, 4)
-        for name, p in model.named_parameters():
-            if name in new:
-                p.data = new[name].clone()
+        assign_data(model, new)
         assert not adaln_aliased(model)
         forward_matches_fresh(model, before)
         assert adaln_aliased(model) == (be != "reference")  # re-aliased by the one-GEMM path
@@ -294,9 +299,7 @@ def test_torch_compile(be):
                     p.mul_(1.5)
         before = forward_matches_fresh(compiled, before)
         new = new_values(model, 8)
-        for name, p in model.named_parameters():
-            if name in new:
-                p.data = new[name].clone()
+        assign_data(model, new)
         before = forward_matches_fresh(compiled, before)
         D = CFG["hidden_size"]
         model.blocks[0].adaLN_modulation[1] = nn.Linear(D, 6 * D)
@@ -468,7 +471,5 @@ def test_loop_runner_recaptures_after_weights_move(monkeypatch):
         model.load_state_dict(make_model(seed=9).state_dict())  # in place: replayed, and seen
     check(1)
     new = new_values(model, 10)
-    for name, p in model.named_parameters():
-        if name in new:
-            p.data = new[name].clone()  # re-pointed: recaptured
+    assign_data(model, new)  # re-pointed: recaptured
     check(2)
