@@ -11,8 +11,9 @@ GEMMs (`linear_paths` gives the choice on this machine, bench/results/cpu-gemm-<
 - ``dit_fast``: dit_fast._C's packed-weight GEMM (csrc/cpu/gemm.cpp, AVX2 6x16 micro-kernel); the
                 fastest for fc1 + GELU on AVX2-only CPUs (bench/results/cpu-notes-avx2.md).
 - ``torch``:    F.linear (MKL).
-float32: qkv / proj / fc2 / final on ``onednn``, fc1 + GELU on ``dit_fast`` where dit_fast._C runs
-its AVX2 path on a CPU without AVX-512 (elsewhere ``onednn``). bfloat16: on CPUs with bf16 dot
+float32, where dit_fast._C runs its AVX2 path on a CPU without AVX-512: fc1 + GELU on ``dit_fast``,
+qkv / proj / fc2 / final on ``torch`` (measured in the model: oneDNN on the plain weight was slower;
+bench/results/cpu-linear-paths-avx2.md); elsewhere ``onednn`` (not measured in the model). bfloat16: on CPUs with bf16 dot
 products (AVX512_BF16 / AMX) ``onednn`` in bf16; elsewhere the float32 GEMM on float32 copies of
 the operands, rounded back to bf16 (torch's bf16 GEMM is much slower there).
 
@@ -123,11 +124,11 @@ def _path(dtype: torch.dtype, gelu: bool) -> tuple[Optional[str], torch.dtype, s
         return "onednn", torch.bfloat16, "bf16 dot products in hardware"
     ours = isa == "avx2" and not _cpu_caps().get("avx512_f")
     if gelu and ours:
-        gemm, why = "dit_fast", "fastest measured for fc1 + GELU on AVX2 (bench/cpu_gemm.py)"
-    elif onednn is None:
-        gemm, why = "onednn", "at or above MKL and dit_fast's GEMM (bench/cpu_gemm.py)"
-    elif ours:
-        gemm, why = "dit_fast", f"faster than MKL on AVX2; oneDNN unavailable: {onednn}"
+        gemm, why = "dit_fast", "fastest measured for fc1 + GELU on AVX2 (bench/results/cpu-linear-paths-avx2.md)"
+    elif ours:  # in the model, oneDNN on the plain weight and the per-call packed GEMM were slower
+        gemm, why = "torch", "F.linear (MKL) measured fastest in the model on AVX2 (bench/results/cpu-linear-paths-avx2.md)"
+    elif onednn is None:  # unmeasured in the model on these CPUs (GEMM alone: bench/cpu_gemm.py)
+        gemm, why = "onednn", "dit_fast's GEMM does not run here; oneDNN at or above MKL in GEMMs alone"
     else:
         gemm, why = None, (f"oneDNN unavailable ({onednn}) and dit_fast._C runs "
                            f"{isa or 'nowhere'} here (its generic GEMM is slower than torch's)")
