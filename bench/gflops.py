@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dit_fast  # noqa: E402
 from dit_fast.flops import PAPER_GFLOPS, dit_config, dit_gflops, true_gflop_per_image  # noqa: E402
-from throughput import DTYPES, _load_avg, device_name, sync  # noqa: E402
+from throughput import DTYPES, _load_avg, device_name, pyplot, save_figure, sync, write_results  # noqa: E402
 
 # Table 4's 12 models at 256 px, in the paper's order (size, then patch size).
 MODELS = tuple(f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (8, 4, 2))
@@ -163,22 +163,13 @@ def main(argv=None):
                   timed=not args.no_time, batch=args.batch_size, dtype=args.dtype, backend=args.backend,
                   warmup=args.warmup, iters=args.iters, rows=rows,
                   command=shlex.join(["python", "bench/gflops.py", *(argv if argv is not None else sys.argv[1:])]))
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
-    chart = plot(result, out.with_suffix(".png"))
-    if chart:
-        print(f"wrote {chart}")
-    return result
+    return write_results(result, out, plot)
 
 
 def plot(result, path):
     """Gflops (x, log) against measured img/s (y, log) per model; the table alone plots Gflops per model."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart")
+    plt = pyplot()
+    if plt is None:
         return None
     rows = result["rows"]
     colors = {"S": "tab:blue", "B": "tab:orange", "L": "tab:green", "XL": "tab:red"}
@@ -198,10 +189,7 @@ def plot(result, path):
         ax.set_ylabel("parameters (M)")
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(f"{result['device']} ({result['date']})", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 if __name__ == "__main__":

@@ -589,12 +589,7 @@ def main(argv=None):
                         runs=_backends.validation_stats()),
         wall_s=round(time.perf_counter() - started, 1),
         command=shlex.join(["python", "bench/throughput.py", *(argv if argv is not None else sys.argv[1:])]))
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out} ({result['wall_s']:.0f} s in all)")
-    chart = plot(result, out.with_suffix(".png"))
-    if chart:
-        print(f"wrote {chart}")
-    return result
+    return write_results(result, out, plot, f" ({result['wall_s']:.0f} s in all)")
 
 
 def model_config(args):
@@ -626,14 +621,40 @@ def print_table(mode, rows):
             print(f"  {r['impl']} {r['dtype']}: {SAMPLE_STEPS}-step guided sample of the batch ~ {r['full_sample_s']:.1f} s")
 
 
-def plot(result, path):
-    """A bar chart of img/s per implementation, one panel per mode (speedup over reference on top)."""
+def write_results(result, out, plot_fn, note=""):
+    """Writes `result` as JSON to `out` and its chart (plot_fn) beside it as PNG; returns result."""
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}{note}")
+    chart = plot_fn(result, out.with_suffix(".png"))
+    if chart:
+        print(f"wrote {chart}")
+    return result
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a line saying so) when it is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no chart")
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path):
+    """Lays out, writes (100 dpi) and closes `fig`; returns `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot(result, path):
+    """A bar chart of img/s per implementation, one panel per mode (speedup over reference on top)."""
+    plt = pyplot()
+    if plt is None:
         return None
     modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
     fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.2), squeeze=False)
@@ -649,10 +670,7 @@ def plot(result, path):
         ax.set_title(f"{result['model']} {mode}, batch {result['batch']}")
         ax.set_ylabel("images / s")
     fig.suptitle(f"{result['device']} ({result['date']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 if __name__ == "__main__":
