@@ -16,7 +16,6 @@ Writes a JSON (--out, default bench/results/gflops-<device>.json) and a PNG scat
 """
 import argparse
 import datetime
-import json
 import os
 import shlex
 import statistics
