@@ -91,6 +91,19 @@ def _operand(x, in_dtype: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.
 
 
 @triton.jit
+def _load_kv(base, D, rows, row_mask, stride, COL0: tl.constexpr, WIDTH: tl.constexpr,
+             HEAD_DIM: tl.constexpr, in_dtype: tl.constexpr, UPCAST: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """Columns [COL0, COL0 + WIDTH) of a head's k and v tiles (at base + D, base + 2D), as tl.dot
+    operands."""
+    k = _operand(_load_part(base + D, rows, row_mask, stride, COL0, WIDTH, HEAD_DIM),
+                 in_dtype, UPCAST, DOT_PRECISION)
+    v = _operand(_load_part(base + 2 * D, rows, row_mask, stride, COL0, WIDTH, HEAD_DIM),
+                 in_dtype, UPCAST, DOT_PRECISION)
+    return k, v
+
+
+@triton.jit
 def _attn_fwd_kernel(
     QKV, O, LSE,
     qk_scale,                       # softmax scale * log2(e)
@@ -125,16 +138,12 @@ def _attn_fwd_kernel(
     for start_n in range(0, T, BLOCK_N):
         offs_kv = start_n + offs_n
         mask_kv = offs_kv < T
-        k0 = _operand(_load_part(base + D, offs_kv, mask_kv, stride_qkv_t, 0, BLOCK_D0, HEAD_DIM),
-                      in_dtype, UPCAST, DOT_PRECISION)
-        v0 = _operand(_load_part(base + 2 * D, offs_kv, mask_kv, stride_qkv_t, 0, BLOCK_D0,
-                                 HEAD_DIM), in_dtype, UPCAST, DOT_PRECISION)
+        k0, v0 = _load_kv(base, D, offs_kv, mask_kv, stride_qkv_t, 0, BLOCK_D0, HEAD_DIM,
+                          in_dtype, UPCAST, DOT_PRECISION)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
         if BLOCK_D1 > 0:
-            k1 = _operand(_load_part(base + D, offs_kv, mask_kv, stride_qkv_t, BLOCK_D0, BLOCK_D1,
-                                     HEAD_DIM), in_dtype, UPCAST, DOT_PRECISION)
-            v1 = _operand(_load_part(base + 2 * D, offs_kv, mask_kv, stride_qkv_t, BLOCK_D0,
-                                     BLOCK_D1, HEAD_DIM), in_dtype, UPCAST, DOT_PRECISION)
+            k1, v1 = _load_kv(base, D, offs_kv, mask_kv, stride_qkv_t, BLOCK_D0, BLOCK_D1, HEAD_DIM,
+                              in_dtype, UPCAST, DOT_PRECISION)
             s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
         s = s * qk_scale
         if not EVEN_N:
@@ -300,17 +309,13 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, T, BLOCK_N):
         offs_kv = start_n + offs_n
         mask_kv = offs_kv < T
-        k0 = _operand(_load_part(base + D, offs_kv, mask_kv, stride_qkv_t, 0, BLOCK_D0, HEAD_DIM),
-                      in_dtype, UPCAST, DOT_PRECISION)
-        v0 = _operand(_load_part(base + 2 * D, offs_kv, mask_kv, stride_qkv_t, 0, BLOCK_D0,
-                                 HEAD_DIM), in_dtype, UPCAST, DOT_PRECISION)
+        k0, v0 = _load_kv(base, D, offs_kv, mask_kv, stride_qkv_t, 0, BLOCK_D0, HEAD_DIM,
+                          in_dtype, UPCAST, DOT_PRECISION)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PRECISION)
         if BLOCK_D1 > 0:
-            k1 = _operand(_load_part(base + D, offs_kv, mask_kv, stride_qkv_t, BLOCK_D0, BLOCK_D1,
-                                     HEAD_DIM), in_dtype, UPCAST, DOT_PRECISION)
-            v1 = _operand(_load_part(base + 2 * D, offs_kv, mask_kv, stride_qkv_t, BLOCK_D0,
-                                     BLOCK_D1, HEAD_DIM), in_dtype, UPCAST, DOT_PRECISION)
+            k1, v1 = _load_kv(base, D, offs_kv, mask_kv, stride_qkv_t, BLOCK_D0, BLOCK_D1, HEAD_DIM,
+                              in_dtype, UPCAST, DOT_PRECISION)
             s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
             dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PRECISION)
         p = tl.exp2(s * qk_scale - lse[:, None])
