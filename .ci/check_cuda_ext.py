@@ -19,8 +19,7 @@ CSRC = ROOT / "csrc"
 
 # Native ops with no CUDA kernel by design.
 CPU_ONLY = {
-    "linear_pack": "packed-weight GEMM for CPU inference (csrc/cpu/gemm.cpp)",
-    "linear_packed": "packed-weight GEMM for CPU inference (csrc/cpu/gemm.cpp)",
+    "linear_fwd": "packed-weight GEMM for CPU inference (csrc/cpu/gemm.cpp)",
     "attention_fwd": "CUDA attention is flash-attn / Triton (dit_fast/ops/attention.py)",
     "taylor_forecast_": "a memory-bound sum: the Triton kernel serves GPUs (dit_fast/ops/forecast.py)",
 }

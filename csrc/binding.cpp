@@ -15,9 +15,9 @@
 //   gelu_bias_fwd(Tensor h, Tensor bias) -> out;  gelu_bias_fwd_(Tensor(a!) h, Tensor bias) -> ()
 //       (in place; returns nothing, so that it can be functionalized)
 //   gelu_bias_bwd(Tensor dout, Tensor h, Tensor bias) -> (dh, dbias)
-//   linear_pack(Tensor weight) -> packed        weight (N, K) float32 -> the packed GEMM layout
-//   linear_packed(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gelu) -> out
-//       out (..., N) = [gelu](x (..., K) @ weight^T + bias), float32, x contiguous (cpu/gemm.h)
+//   linear_fwd(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> out
+//       out (..., N) = [gelu](x (..., K) @ weight^T + bias), x and weight (N, K) contiguous, all
+//       float32 or all bfloat16 (float32 sums; cpu/gemm.h)
 //   attention_fwd(Tensor qkv, int num_heads) -> (out, lse)
 //       qkv (N, T, 3*D) (the qkv Linear's output; unit stride along the last dim, any N/T strides),
 //       out (N, T, D) heads merged, lse (N, H, T) float32 (float64 for float64 qkv)
@@ -71,51 +71,49 @@ std::tuple<Tensor, Tensor> gelu_bias_bwd_cpu(const Tensor& dout, const Tensor& h
 
 // ---- packed-weight linear --------------------------------------------------------------------
 
-void check_f32_cpu(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == c10::ScalarType::Float, op, ": ", name,
-              " must be float32 (the packed GEMM is float32 only), got ", t.scalar_type());
-  binding::check_device(op, t, Cpu::kDevice, name);
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
-Tensor linear_pack_cpu(const Tensor& weight) {
-  const char* op = "dit_fast::linear_pack";
+Tensor linear_fwd_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                      bool gelu) {
+  const char* op = "dit_fast::linear_fwd";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (..., in_features)");
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ",
               weight.sizes());
-  check_f32_cpu(op, "weight", weight);
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == c10::ScalarType::Float || dtype == c10::ScalarType::BFloat16, op,
+              ": x must be float32 or bfloat16, got ", dtype);
   const int64_t N = weight.size(0), K = weight.size(1);
-  Tensor packed = at::empty({cpu::linear_packed_numel(N, K)}, weight.options());
-  Cpu::check(op, cpu::linear_pack(weight.const_data_ptr<float>(), N, K,
-                                   packed.mutable_data_ptr<float>()));
-  return packed;
-}
-
-Tensor linear_packed_cpu(const Tensor& x, const Tensor& packed, const std::optional<Tensor>& bias,
-                         int64_t out_features, bool gelu) {
-  const char* op = "dit_fast::linear_packed";
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (..., in_features)");
-  check_f32_cpu(op, "x", x);
-  check_f32_cpu(op, "packed", packed);
-  const int64_t N = out_features, K = x.size(-1);
-  TORCH_CHECK(N >= 0, op, ": out_features must be >= 0, got ", N);
-  TORCH_CHECK(packed.dim() == 1 && packed.numel() == cpu::linear_packed_numel(N, K), op,
-              ": packed must be linear_pack(weight) of a (", N, ", ", K, ") weight (",
-              cpu::linear_packed_numel(N, K), " elements), got shape ", packed.sizes());
-  const float* b = nullptr;
+  TORCH_CHECK(x.size(-1) == K, op, ": x's last dim (", x.size(-1), ") must equal weight's in_features (",
+              K, ")");
+  auto check = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have x's dtype ", dtype, ", got ",
+                t.scalar_type());
+    binding::check_device(op, t, Cpu::kDevice, name);
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  };
+  check(x, "x");
+  check(weight, "weight");
+  const void* b = nullptr;
   if (bias.has_value()) {
-    check_f32_cpu(op, "bias", *bias);
+    check(*bias, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N,
                 ",), got ", bias->sizes());
-    b = bias->const_data_ptr<float>();
+    b = bias->const_data_ptr();
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   Tensor out = at::empty(shape, x.options());
   const int64_t M = K > 0 ? x.numel() / K : (N > 0 ? out.numel() / N : 0);
-  Cpu::check(op, cpu::linear_packed_fwd(x.const_data_ptr<float>(), K, packed.const_data_ptr<float>(),
-                                        b, out.mutable_data_ptr<float>(), N, M, N, K,
-                                        gelu ? cpu::Epilogue::kGelu : cpu::Epilogue::kNone,
-                                        Cpu::exec(x)));
+  const auto ep = gelu ? cpu::Epilogue::kGelu : cpu::Epilogue::kNone;
+  const int nt = Cpu::exec(x);
+  if (dtype == c10::ScalarType::Float) {
+    Cpu::check(op, cpu::linear_fwd(x.const_data_ptr<float>(), K, weight.const_data_ptr<float>(),
+                                   static_cast<const float*>(b), out.mutable_data_ptr<float>(), N,
+                                   M, N, K, ep, nt));
+  } else {
+    Cpu::check(op, cpu::linear_fwd(static_cast<const bf16*>(x.const_data_ptr()), K,
+                                   static_cast<const bf16*>(weight.const_data_ptr()),
+                                   static_cast<const bf16*>(b),
+                                   static_cast<bf16*>(out.mutable_data_ptr()), N, M, N, K, ep, nt));
+  }
   return out;
 }
 
@@ -165,8 +163,7 @@ TORCH_LIBRARY(dit_fast, m) {
   m.def("gelu_bias_fwd(Tensor h, Tensor bias) -> Tensor");
   m.def("gelu_bias_fwd_(Tensor(a!) h, Tensor bias) -> ()");
   m.def("gelu_bias_bwd(Tensor dout, Tensor h, Tensor bias) -> (Tensor, Tensor)");
-  m.def("linear_pack(Tensor weight) -> Tensor");
-  m.def("linear_packed(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gelu) -> Tensor");
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor");
   m.def("attention_fwd(Tensor qkv, int num_heads) -> (Tensor, Tensor)");
 }
 
@@ -185,8 +182,7 @@ TORCH_LIBRARY_IMPL(dit_fast, CPU, m) {
   m.impl("gelu_bias_fwd", &b::gelu_bias_fwd<Cpu, &k::gelu_bias_fwd>);
   m.impl("gelu_bias_fwd_", &b::gelu_bias_fwd_inplace<Cpu, &k::gelu_bias_fwd>);
   m.impl("gelu_bias_bwd", &dit_fast::gelu_bias_bwd_cpu);
-  m.impl("linear_pack", &dit_fast::linear_pack_cpu);
-  m.impl("linear_packed", &dit_fast::linear_packed_cpu);
+  m.impl("linear_fwd", &dit_fast::linear_fwd_cpu);
   m.impl("attention_fwd", &dit_fast::attention_fwd_cpu);
 }
 

@@ -81,6 +81,24 @@ def test_gemm_paths_match_reference(gemm, M, K, N, bias, gelu):
     _check_error(got, x, w, b, gelu)
 
 
+@pytest.mark.parametrize("M,K,N", [s for s in SHAPES if not hasattr(s, "marks")])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_bf16_operands_round_once(gemm, M, K, N, gelu):
+    """dit_fast's GEMM on bf16 operands: float32 sums of the exact bf16 products, rounded to bf16
+    once (at most half a bf16 ulp, 2^-8 relative, past float32's own error)."""
+    if gemm != "dit_fast":
+        pytest.skip("oneDNN's bf16 GEMM is checked by test_bf16_matches_reference where it runs")
+    torch.manual_seed(M * 5 + K + N)
+    x, w, b = (t.bfloat16() for t in (torch.randn(M, K), torch.randn(N, K) / max(K, 1) ** 0.5,
+                                       torch.randn(N)))
+    got = lin._gemm(gemm, x, w, b, gelu)
+    assert got.shape == (M, N) and got.dtype == torch.bfloat16
+    ref = lin._reference(x.double(), w.double(), b.double(), gelu)
+    floor = error_floor(max(ref.abs().max().item(), 1.0), torch.float32, K, 1.0)
+    err = (got.double() - ref).abs()
+    assert (err <= ref.abs() * 2.0 ** -8 + floor).all(), f"max error {err.max().item():.3g}"
+
+
 @pytest.mark.parametrize("gelu", [False, True])
 def test_bf16_matches_reference(gelu):
     """bf16 Linear: one rounding of an fp32-accurate result (the bf16 row of the tolerance table)."""
@@ -213,7 +231,10 @@ def test_paths_and_isa_are_reported():
         assert paths["float32 linear+gelu"].startswith("dit_fast in float32")
     elif lin._onednn_missing() is None:
         assert paths["float32 linear"].startswith("onednn in float32")
-    if not info["native_bf16"]:  # no bf16 dot products: bf16 runs the float32 GEMM
+    if lin._dit_isa() == "avx2" and not lin._cpu_caps().get("avx512_f"):  # bf16 operands, float32 sums
+        assert paths["bfloat16 linear"].startswith("dit_fast in bfloat16")
+        assert paths["bfloat16 linear+gelu"].startswith("dit_fast in bfloat16")
+    elif not info["native_bf16"]:  # no bf16 dot products: bf16 runs the float32 GEMM
         assert "in float32" in paths["bfloat16 linear"]
 
 
@@ -273,21 +294,23 @@ def test_compiled_inference_keeps_the_op(monkeypatch):
 
 def test_bad_arguments_name_the_argument():
     x, w = torch.randn(40, 16), torch.randn(8, 16)
-    p = torch.ops.dit_fast.linear_pack(w)
+    op = torch.ops.dit_fast.linear_fwd
     with pytest.raises(RuntimeError, match="weight must be 2-D"):
-        torch.ops.dit_fast.linear_pack(w[0])
-    with pytest.raises(RuntimeError, match="weight must be float32"):
-        torch.ops.dit_fast.linear_pack(w.double())
-    with pytest.raises(RuntimeError, match="packed must be linear_pack"):
-        torch.ops.dit_fast.linear_packed(x, p, None, 17, False)
-    with pytest.raises(RuntimeError, match="packed must be linear_pack"):
-        torch.ops.dit_fast.linear_packed(x[:, :15].contiguous(), p, None, 8, False)
+        op(x, w[0], None, False)
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16"):
+        op(x.double(), w.double(), None, False)
+    with pytest.raises(RuntimeError, match="weight must have x's dtype"):
+        op(x, w.bfloat16(), None, False)
+    with pytest.raises(RuntimeError, match=r"x's last dim \(15\) must equal weight's in_features \(16\)"):
+        op(x[:, :15].contiguous(), w, None, False)
     with pytest.raises(RuntimeError, match=r"bias must have shape \(8,\)"):
-        torch.ops.dit_fast.linear_packed(x, p, torch.zeros(7), 8, False)
+        op(x, w, torch.zeros(7), False)
+    with pytest.raises(RuntimeError, match="bias must have x's dtype"):
+        op(x, w, torch.zeros(8, dtype=torch.bfloat16), False)
     with pytest.raises(RuntimeError, match="x must be contiguous"):
-        torch.ops.dit_fast.linear_packed(torch.randn(16, 40).t(), p, None, 8, False)
-    with pytest.raises(RuntimeError, match="x must be float32"):
-        torch.ops.dit_fast.linear_packed(x.double(), p, None, 8, False)
+        op(torch.randn(16, 40).t(), w, None, False)
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        op(x, torch.randn(16, 8).t(), None, False)
 
 
 def test_linear_gelu_uses_the_epilogue_in_cpu_inference():

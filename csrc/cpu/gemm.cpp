@@ -1,16 +1,25 @@
-// Packed-weight fp32 GEMM with bias / bias + GELU epilogue (see gemm.h).
+// Packed-weight fp32 GEMM (float32 or bf16 operands) with bias / bias + GELU epilogue (see gemm.h).
 //
 // Packed weight: for each K block k0 (kKc rows of W^T), the 16-column panels p in order, each
-// kc x 16 floats (row k holds W[p*16 .. p*16+15][k0 + k], zero beyond N). Packed x (per thread):
-// 6-row panels, each kc x 6 floats (column i holds x row i, zero beyond M).
-// Loop nest per thread: M block (kMc rows) -> K block (pack x) -> column panel -> 6-row panel;
-// the 16-column weight panel (kc x 16 floats, 16 KiB at kKc = 256) stays in L1 while the x
-// panels of the block stream past it from L2.
+// kc x 16 floats (row k holds W[p*16 .. p*16+15][k0 + k], zero beyond N). It is rebuilt in every
+// call, by all threads, in a per-caller-thread scratch buffer that only grows (no page faults for a
+// fresh allocation per call; its contents never outlive the call, so nothing can go stale).
+// x is read in place (float32) or widened row by row into a per-thread buffer (bf16).
+// Rows are split into 6-row panels, each thread taking one contiguous, equal share of them, in
+// M blocks of up to kMc rows. Loop nest per thread: M block -> K block -> column panel -> 6-row
+// panel; the 16-column weight panel (kc x 16 floats, 16 KiB at kKc = 256) stays in L1 while the
+// x rows of the block stream past it from L2.
 
 #include "cpu/gemm.h"
 
 #include <algorithm>
 #include <memory>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "common/gelu.h"
 #include "common/macros.h"
@@ -26,55 +35,64 @@ constexpr int64_t MR = kGemmMr, NR = kGemmNr, KC = kGemmKc, MC = kGemmMc;
 
 int64_t num_panels(int64_t N) { return (N + NR - 1) / NR; }
 
-// x rows [m0, m0 + mc) (m0 + mc <= M), columns [k0, k0 + kc) -> 6-row panels.
-void pack_x(const float* x, int64_t ldx, int64_t m0, int64_t mc, int64_t k0, int64_t kc,
-            float* dst) {
-  for (int64_t i0 = 0; i0 < mc; i0 += MR) {
-    float* d = dst + i0 * kc;
-    const int64_t mr = std::min(MR, mc - i0);
-    for (int64_t i = 0; i < MR; ++i) {
-      if (i < mr) {
-        const float* s = x + (m0 + i0 + i) * ldx + k0;
-        for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = s[k];
-      } else {
-        for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = 0.f;
-      }
-    }
-  }
+DIT_FORCEINLINE float widen(float v) { return v; }
+DIT_FORCEINLINE float widen(bf16 v) { return to_float(v); }
+DIT_FORCEINLINE void put(float* d, float v) { *d = v; }
+DIT_FORCEINLINE void put(bf16* d, float v) { *d = to_bf16(v); }
+
+// The 6 x rows a micro-kernel reads: rows [0, mr) of the panel at `a` (row stride lda); rows past
+// mr repeat the last one (their results are discarded by the tile store).
+struct Rows {
+  const float* r[MR];
+};
+DIT_FORCEINLINE Rows panel_rows(const float* a, int64_t lda, int64_t mr) {
+  Rows rows;
+  for (int64_t i = 0; i < MR; ++i) rows.r[i] = a + std::min(i, mr - 1) * lda;
+  return rows;
 }
 
+// One 6 x 16 tile's destinations: the float32 partial sums `part` (read unless in the first K
+// block, written unless in the last) and the output `out` (written in the last K block: bias,
+// GELU, rounding to T). For float32, part and out are the same memory.
+template <typename T>
 struct Tile {
   const float* bias;  // nullptr: none
-  float* out;
+  float* part;
+  int64_t ldp;
+  T* out;
   int64_t ldo, n0, mr, nr;
-  bool first, last;   // first / last K block
+  bool first, last;  // first / last K block
   Epilogue ep;
 };
 
 // ---- generic micro-kernel and epilogue ----------------------------------------------------
 
-DIT_FORCEINLINE void kernel_generic(int64_t kc, const float* ap, const float* bp,
+DIT_FORCEINLINE void kernel_generic(int64_t kc, const Rows& a, const float* bp,
                                     float* acc /* MR x NR */) {
   for (int64_t i = 0; i < MR * NR; ++i) acc[i] = 0.f;
-  for (int64_t k = 0; k < kc; ++k, ap += MR, bp += NR)
+  for (int64_t k = 0; k < kc; ++k, bp += NR)
     for (int64_t i = 0; i < MR; ++i) {
-      const float a = ap[i];
+      const float v = a.r[i][k];
       DIT_OMP_SIMD
-      for (int64_t j = 0; j < NR; ++j) acc[i * NR + j] += a * bp[j];
+      for (int64_t j = 0; j < NR; ++j) acc[i * NR + j] += v * bp[j];
     }
 }
 
-DIT_FORCEINLINE void store_generic(const float* acc, const Tile& t) {
+template <typename T>
+DIT_FORCEINLINE void store_generic(const float* acc, const Tile<T>& t) {
   for (int64_t i = 0; i < t.mr; ++i) {
-    float* o = t.out + i * t.ldo + t.n0;
+    float* p = t.part + i * t.ldp + t.n0;
+    T* o = t.out + i * t.ldo + t.n0;
     for (int64_t j = 0; j < t.nr; ++j) {
       float v = acc[i * NR + j];
-      if (!t.first) v += o[j];
-      if (t.last) {
-        if (t.bias) v += t.bias[t.n0 + j];
-        if (t.ep == Epilogue::kGelu) v = gelu::forward<float>(v);
+      if (!t.first) v += p[j];
+      if (!t.last) {
+        p[j] = v;
+        continue;
       }
-      o[j] = v;
+      if (t.bias) v += t.bias[t.n0 + j];
+      if (t.ep == Epilogue::kGelu) v = gelu::forward<float>(v);
+      put(o + j, v);
     }
   }
 }
@@ -86,17 +104,19 @@ DIT_FORCEINLINE void store_generic(const float* acc, const Tile& t) {
 #define DIT_AVX2_FI DIT_TARGET_AVX2 inline __attribute__((always_inline))
 #define DIT_GEMM_ROW(i)                                                   \
   {                                                                       \
-    const __m256 a = _mm256_broadcast_ss(ap + i);                         \
+    const __m256 a = _mm256_broadcast_ss(a##i + k);                       \
     c##i##0 = _mm256_fmadd_ps(a, b0, c##i##0);                            \
     c##i##1 = _mm256_fmadd_ps(a, b1, c##i##1);                            \
   }
 
-// acc (MR x NR, 32-byte aligned) = ap (kc x MR) . bp (kc x NR); 12 accumulators in registers.
-DIT_AVX2_FI void kernel_avx2(int64_t kc, const float* __restrict ap, const float* __restrict bp,
+// acc (MR x NR, 32-byte aligned) = rows (MR x kc) . bp (kc x NR); 12 accumulators in registers.
+DIT_AVX2_FI void kernel_avx2(int64_t kc, const Rows& rows, const float* __restrict bp,
                              float* acc) {
+  const float *a0 = rows.r[0], *a1 = rows.r[1], *a2 = rows.r[2], *a3 = rows.r[3],
+              *a4 = rows.r[4], *a5 = rows.r[5];
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int64_t k = 0; k < kc; ++k, ap += MR, bp += NR) {
+  for (int64_t k = 0; k < kc; ++k, bp += NR) {
     const __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
     DIT_GEMM_ROW(0) DIT_GEMM_ROW(1) DIT_GEMM_ROW(2) DIT_GEMM_ROW(3) DIT_GEMM_ROW(4) DIT_GEMM_ROW(5)
   }
@@ -110,26 +130,28 @@ DIT_AVX2_FI void kernel_avx2(int64_t kc, const float* __restrict ap, const float
 
 // Full 16-wide rows in vector code; a partial panel (nr < 16) goes through a 16-float buffer
 // with the same vector math, so every element of `out` gets identical arithmetic.
-DIT_AVX2_FI void store_avx2(float* acc, const Tile& t) {
+template <typename T>
+DIT_AVX2_FI void store_avx2(float* acc, const Tile<T>& t) {
   alignas(32) float zero_bias[NR] = {};
   alignas(32) float row[NR];
   const float* bias = zero_bias;
-  if (t.bias != nullptr && t.nr == NR) {
+  const bool full = t.nr == NR;
+  if (t.bias != nullptr && full) {
     bias = t.bias + t.n0;
   } else if (t.bias != nullptr) {
     for (int64_t j = 0; j < t.nr; ++j) zero_bias[j] = t.bias[t.n0 + j];
   }
   for (int64_t i = 0; i < t.mr; ++i) {
-    float* o = t.out + i * t.ldo + t.n0;
-    const bool full = t.nr == NR;
+    float* p = t.part + i * t.ldp + t.n0;
+    T* o = t.out + i * t.ldo + t.n0;
     float* src = acc + i * NR;
     if (!full && !t.first) {
-      for (int64_t j = 0; j < t.nr; ++j) src[j] += o[j];
+      for (int64_t j = 0; j < t.nr; ++j) src[j] += p[j];
     }
     __m256 v0 = _mm256_load_ps(src), v1 = _mm256_load_ps(src + 8);
     if (full && !t.first) {
-      v0 = _mm256_add_ps(v0, _mm256_loadu_ps(o));
-      v1 = _mm256_add_ps(v1, _mm256_loadu_ps(o + 8));
+      v0 = _mm256_add_ps(v0, _mm256_loadu_ps(p));
+      v1 = _mm256_add_ps(v1, _mm256_loadu_ps(p + 8));
     }
     if (t.last) {
       v0 = _mm256_add_ps(v0, _mm256_loadu_ps(bias));
@@ -139,13 +161,22 @@ DIT_AVX2_FI void store_avx2(float* acc, const Tile& t) {
         v1 = avx2::gelu8(v1);
       }
     }
-    if (full) {
-      _mm256_storeu_ps(o, v0);
-      _mm256_storeu_ps(o + 8, v1);
+    if (full && t.last) {
+      avx2::store8(o, v0);
+      avx2::store8(o + 8, v1);
+    } else if (full) {
+      _mm256_storeu_ps(p, v0);
+      _mm256_storeu_ps(p + 8, v1);
     } else {
       _mm256_store_ps(row, v0);
       _mm256_store_ps(row + 8, v1);
-      for (int64_t j = 0; j < t.nr; ++j) o[j] = row[j];
+      for (int64_t j = 0; j < t.nr; ++j) {
+        if (t.last) {
+          put(o + j, row[j]);
+        } else {
+          p[j] = row[j];
+        }
+      }
     }
   }
 }
@@ -155,118 +186,174 @@ DIT_AVX2_FI void store_avx2(float* acc, const Tile& t) {
 
 // ---- driver ---------------------------------------------------------------------------------
 
+template <typename T>
 struct Problem {
-  const float* x;
+  const T* x;
   int64_t ldx;
   const float* packed;
-  const float* bias;
-  float* out;
+  const float* bias;  // float32 (a bf16 bias is widened once per call)
+  T* out;
   int64_t ldo, M, N, K;
   Epilogue ep;
 };
 
-// M block [m0, m0 + mc) with the given micro-kernel / tile store; xbuf: MC * KC floats.
-template <typename Kernel, typename Store>
-DIT_FORCEINLINE void run_block(const Problem& p, int64_t m0, int64_t mc, float* xbuf,
-                               float* acc, Kernel kernel, Store store) {
+// Per-thread buffers (bf16 only; float32 reads x and sums into out in place): the M block's x rows
+// widened (MC x KC floats) and its partial sums between K blocks (MC x N floats).
+struct Scratch {
+  float* x;
+  float* part;
+};
+
+// M block [m0, m0 + mc) with the given micro-kernel / tile store.
+template <typename T, typename Kernel, typename Store>
+DIT_FORCEINLINE void run_block(const Problem<T>& p, int64_t m0, int64_t mc, const Scratch& s,
+                               Kernel kernel, Store store) {
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  alignas(32) float acc[MR * NR];
+  T* out = p.out + m0 * p.ldo;
+  float* part;
+  int64_t ldp;
+  if constexpr (kF32) {
+    part = out, ldp = p.ldo;
+  } else {
+    part = s.part, ldp = p.N;
+  }
   const int64_t np = num_panels(p.N);
   for (int64_t k0 = 0; k0 < p.K; k0 += KC) {
     const int64_t kc = std::min(KC, p.K - k0);
-    pack_x(p.x, p.ldx, m0, mc, k0, kc, xbuf);
+    const float* a;
+    int64_t lda;
+    if constexpr (kF32) {
+      a = p.x + m0 * p.ldx + k0, lda = p.ldx;
+    } else {
+      for (int64_t i = 0; i < mc; ++i) rowpar::load_row(p.x + (m0 + i) * p.ldx + k0, s.x + i * kc, kc);
+      a = s.x, lda = kc;
+    }
     for (int64_t j = 0; j < np; ++j) {
       const float* bp = p.packed + k0 * np * NR + j * kc * NR;
       const int64_t n0 = j * NR;
       for (int64_t i0 = 0; i0 < mc; i0 += MR) {
-        kernel(kc, xbuf + i0 * kc, bp, acc);
-        const Tile t{p.bias, p.out + (m0 + i0) * p.ldo, p.ldo, n0, std::min(MR, mc - i0),
-                     std::min(NR, p.N - n0), k0 == 0, k0 + kc >= p.K, p.ep};
-        store(acc, t);
+        const int64_t mr = std::min(MR, mc - i0);
+        kernel(kc, panel_rows(a + i0 * lda, lda, mr), bp, acc);
+        store(acc, Tile<T>{p.bias, part + i0 * ldp, ldp, out + i0 * p.ldo, p.ldo, n0, mr,
+                           std::min(NR, p.N - n0), k0 == 0, k0 + kc >= p.K, p.ep});
       }
     }
   }
 }
 
-void block_generic(const Problem& p, int64_t m0, int64_t mc, float* xbuf, float* acc) {
-  run_block(p, m0, mc, xbuf, acc, kernel_generic, store_generic);
+template <typename T>
+void block_generic(const Problem<T>& p, int64_t m0, int64_t mc, const Scratch& s) {
+  run_block(p, m0, mc, s, kernel_generic, store_generic<T>);
 }
 
 #if DIT_CPU_HAVE_AVX2_PATH
-DIT_TARGET_AVX2 void block_avx2(const Problem& p, int64_t m0, int64_t mc, float* xbuf,
-                                float* acc) {
-  run_block(p, m0, mc, xbuf, acc, kernel_avx2, store_avx2);
+template <typename T>
+DIT_TARGET_AVX2 void block_avx2(const Problem<T>& p, int64_t m0, int64_t mc, const Scratch& s) {
+  run_block(p, m0, mc, s, kernel_avx2, store_avx2<T>);
 }
 #endif
 
-using BlockFn = void (*)(const Problem&, int64_t, int64_t, float*, float*);
+template <typename T>
+using BlockFn = void (*)(const Problem<T>&, int64_t, int64_t, const Scratch&);
 
-BlockFn pick_block() {
+template <typename T>
+BlockFn<T> pick_block() {
 #if DIT_CPU_HAVE_AVX2_PATH
-  if (active_isa() == Isa::kAvx2) return &block_avx2;
+  if (active_isa() == Isa::kAvx2) return &block_avx2<T>;
 #endif
-  return &block_generic;
+  return &block_generic<T>;
 }
 
-}  // namespace
-
-int64_t linear_packed_numel(int64_t N, int64_t K) { return K * num_panels(N) * NR; }
-
-Status linear_pack(const float* w, int64_t N, int64_t K, float* packed) {
-  if (N < 0 || K < 0 || (N * K > 0 && (w == nullptr || packed == nullptr)))
-    return Status::kInvalidArgument;
-  // Single-threaded on purpose: 0.05-0.3 ms at DiT-S/2's shapes, and an extra parallel region per
-  // call costs more than that on a loaded machine. The 16 source rows of a panel are read side by
-  // side (16 streams through L1) so that the packed panel is written contiguously.
-  const int64_t np = num_panels(N);
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    const int64_t kc = std::min(KC, K - k0);
-    for (int64_t j = 0; j < np; ++j) {
-      const int64_t nr = std::min(NR, N - j * NR);
-      float* d = packed + k0 * np * NR + j * kc * NR;
-      const float* s = w + j * NR * K + k0;
-      for (int64_t k = 0; k < kc; ++k, d += NR) {
-        for (int64_t c = 0; c < nr; ++c) d[c] = s[c * K + k];
-        for (int64_t c = nr; c < NR; ++c) d[c] = 0.f;
-      }
-    }
+// Panel j of K block k0 of the packed weight. The 16 source rows of a panel are read side by
+// side (16 streams through L1) so that the packed panel is written contiguously.
+template <typename T>
+void pack_panel(const T* w, int64_t N, int64_t K, int64_t k0, int64_t j, float* packed) {
+  const int64_t np = num_panels(N), kc = std::min(KC, K - k0), nr = std::min(NR, N - j * NR);
+  float* d = packed + k0 * np * NR + j * kc * NR;
+  const T* s = w + j * NR * K + k0;
+  for (int64_t k = 0; k < kc; ++k, d += NR) {
+    for (int64_t c = 0; c < nr; ++c) d[c] = widen(s[c * K + k]);
+    for (int64_t c = nr; c < NR; ++c) d[c] = 0.f;
   }
-  return Status::kOk;
 }
 
-Status linear_packed_fwd(const float* x, int64_t ldx, const float* packed, const float* bias,
-                         float* out, int64_t ldo, int64_t M, int64_t N, int64_t K,
-                         Epilogue epilogue, int num_threads) {
+// The calling thread's packed-weight buffer, grown to at least n floats.
+float* packed_scratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) {
+    buf.clear();
+    buf.shrink_to_fit();
+    buf.resize(n);
+  }
+  return buf.data();
+}
+
+template <typename T>
+Status forward(const T* x, int64_t ldx, const T* w, const T* bias, T* out, int64_t ldo, int64_t M,
+               int64_t N, int64_t K, Epilogue epilogue, int num_threads) {
   if (M < 0 || N < 0 || K < 0 || ldx < K || ldo < N) return Status::kInvalidArgument;
   if (epilogue != Epilogue::kNone && epilogue != Epilogue::kGelu) return Status::kInvalidArgument;
   if (M == 0 || N == 0) return Status::kOk;
+  if (x == nullptr || out == nullptr || (K > 0 && w == nullptr)) return Status::kInvalidArgument;
+  std::unique_ptr<float[]> bias32;
+  if (bias != nullptr) {
+    bias32.reset(new float[N]);
+    for (int64_t n = 0; n < N; ++n) bias32[n] = widen(bias[n]);
+  }
   if (K == 0) {  // empty sum: the epilogue of the bias alone
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) {
-        const float v = bias ? bias[n] : 0.f;
-        out[m * ldo + n] = epilogue == Epilogue::kGelu ? gelu::forward<float>(v) : v;
+        const float v = bias32 ? bias32[n] : 0.f;
+        put(out + m * ldo + n, epilogue == Epilogue::kGelu ? gelu::forward<float>(v) : v);
       }
     return Status::kOk;
   }
-  const Problem p{x, ldx, packed, bias, out, ldo, M, N, K, epilogue};
-  const BlockFn block = pick_block();
-  const int64_t nblocks = (M + MC - 1) / MC;
-  const int nt = rowpar::resolve_threads(num_threads, nblocks, M * N * K / 64);
+  const int64_t np = num_panels(N), nkb = (K + KC - 1) / KC, row_panels = (M + MR - 1) / MR;
+  float* packed = packed_scratch(K * np * NR);
+  const Problem<T> p{x, ldx, packed, bias32.get(), out, ldo, M, N, K, epilogue};
+  const BlockFn<T> block = pick_block<T>();
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  const int nt = rowpar::resolve_threads(num_threads, row_panels, M * N * K / 64);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #else
   (void)nt;
 #endif
   {
-    std::unique_ptr<float[]> xbuf(new float[MC * KC + 8]);
-    alignas(32) float acc[MR * NR];
 #ifdef _OPENMP
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
 #pragma omp for schedule(static)
+#else
+    const int64_t tid = 0, nth = 1;
 #endif
-    for (int64_t b = 0; b < nblocks; ++b) {
-      const int64_t m0 = b * MC;
-      block(p, m0, std::min(MC, M - m0), xbuf.get(), acc);
+    for (int64_t q = 0; q < nkb * np; ++q) pack_panel(w, N, K, (q / np) * KC, q % np, packed);
+    // (implicit barrier: the packed weight is complete)
+    std::unique_ptr<float[]> xbuf(kF32 ? nullptr : new float[MC * KC]);
+    std::unique_ptr<float[]> obuf(kF32 ? nullptr : new float[MC * N]);  // untouched if K <= KC
+    const Scratch s{xbuf.get(), obuf.get()};
+    // This thread's equal share of the 6-row panels, in M blocks of up to MC rows. Each output
+    // element's sums do not depend on the blocking, so results do not depend on the thread count.
+    const int64_t p0 = row_panels * tid / nth, p1 = row_panels * (tid + 1) / nth;
+    for (int64_t b = p0; b < p1; b += MC / MR) {
+      const int64_t m0 = b * MR, m1 = std::min(std::min(p1, b + MC / MR) * MR, M);
+      block(p, m0, m1 - m0, s);
     }
   }
   return Status::kOk;
+}
+
+}  // namespace
+
+Status linear_fwd(const float* x, int64_t ldx, const float* w, const float* bias, float* out,
+                  int64_t ldo, int64_t M, int64_t N, int64_t K, Epilogue epilogue,
+                  int num_threads) {
+  return forward(x, ldx, w, bias, out, ldo, M, N, K, epilogue, num_threads);
+}
+Status linear_fwd(const bf16* x, int64_t ldx, const bf16* w, const bf16* bias, bf16* out,
+                  int64_t ldo, int64_t M, int64_t N, int64_t K, Epilogue epilogue,
+                  int num_threads) {
+  return forward(x, ldx, w, bias, out, ldo, M, N, K, epilogue, num_threads);
 }
 
 }  // namespace cpu

@@ -9,18 +9,20 @@ GEMMs (`linear_paths` gives the choice on this machine, bench/results/cpu-gemm-<
                 bias / GELU fused, every ISA from AVX2 to AMX). A private torch op: used only where
                 this torch has it.
 - ``dit_fast``: dit_fast._C's packed-weight GEMM (csrc/cpu/gemm.cpp, AVX2 6x16 micro-kernel); the
-                fastest for fc1 + GELU on AVX2-only CPUs (bench/results/cpu-notes-avx2.md).
+                fastest for fc1 + GELU on AVX2-only CPUs (bench/results/cpu-linear-paths-avx2.md),
+                and for bf16 there (bf16 operands widened inside the GEMM: no copies).
 - ``torch``:    F.linear (MKL).
 float32, where dit_fast._C runs its AVX2 path on a CPU without AVX-512: fc1 + GELU on ``dit_fast``,
-qkv / proj / fc2 / final on ``torch`` (measured in the model: oneDNN on the plain weight was slower;
-bench/results/cpu-linear-paths-avx2.md); elsewhere ``onednn`` (not measured in the model). bfloat16: on CPUs with bf16 dot
-products (AVX512_BF16 / AMX) ``onednn`` in bf16; elsewhere the float32 GEMM on float32 copies of
-the operands, rounded back to bf16 (torch's bf16 GEMM is much slower there).
+qkv / proj / fc2 / final on ``torch`` (as fast as ours in the model; bench/results/cpu-bf16-avx2.md);
+elsewhere ``onednn`` (not measured in the model). bfloat16: on CPUs with bf16 dot products
+(AVX512_BF16 / AMX) ``onednn`` in bf16; on AVX2-only CPUs every Linear on ``dit_fast`` with bf16
+operands (float32 sums, one rounding of the output); elsewhere the float32 GEMM on float32 copies
+of the operands, rounded back to bf16 (torch's bf16 GEMM is much slower there).
 
-No weight cache: the ``dit_fast`` GEMM packs the weight in every call (a K x N pass, small next to
-the M x K x N GEMM), oneDNN reads the plain weight, and bf16 weights are upcast
-per call. So no route of changing weights (param.data writes, optimizer steps, load_state_dict, .to(),
-deepcopy) can leave a stale copy.
+No weight cache: the ``dit_fast`` GEMM reorders the weight in every call (a K x N pass shared by
+the threads, small next to the M x K x N GEMM) into scratch memory, oneDNN and MKL read the plain
+weight, and bf16 weights are widened per call. So no route of changing weights (param.data writes,
+optimizer steps, load_state_dict, .to(), deepcopy) can leave a stale copy.
 
 When it runs (`cpu_linear_applies`): inference (no tensor needs a gradient), CPU tensors of one dtype,
 float32 or bfloat16, no CPU autocast, at least `MIN_ROWS` rows, ``DIT_FAST_CPU_GEMM`` not 0, and in
@@ -125,13 +127,16 @@ def _path(dtype: torch.dtype, gelu: bool) -> tuple[Optional[str], torch.dtype, s
     ours = isa == "avx2" and not _cpu_caps().get("avx512_f")
     if gelu and ours:
         gemm, why = "dit_fast", "fastest measured for fc1 + GELU on AVX2 (bench/results/cpu-linear-paths-avx2.md)"
-    elif ours:  # in the model, oneDNN on the plain weight and the per-call packed GEMM were slower
-        gemm, why = "torch", "F.linear (MKL) measured fastest in the model on AVX2 (bench/results/cpu-linear-paths-avx2.md)"
+    elif ours:  # in the model: oneDNN slower, our GEMM no faster (bench/results/cpu-bf16-avx2.md)
+        gemm, why = "torch", "F.linear (MKL): as fast as ours in the model on AVX2, oneDNN slower (bench/results/cpu-bf16-avx2.md)"
     elif onednn is None:  # unmeasured in the model on these CPUs (GEMM alone: bench/cpu_gemm.py)
         gemm, why = "onednn", "dit_fast's GEMM does not run here; oneDNN at or above MKL in GEMMs alone"
     else:
         gemm, why = None, (f"oneDNN unavailable ({onednn}) and dit_fast._C runs "
                            f"{isa or 'nowhere'} here (its generic GEMM is slower than torch's)")
+    if dtype == torch.bfloat16 and ours:  # bf16 operands, widened inside the GEMM: no copies
+        return "dit_fast", torch.bfloat16, ("no bf16 dot products: float32 sums, bf16 operands "
+                                            "widened while packed (bench/results/cpu-bf16-avx2.md)")
     if dtype == torch.bfloat16:  # no bf16 dot products: float32 GEMM on upcast operands
         return gemm or "torch", torch.float32, f"{why}; bf16 as float32 (no bf16 dot products)"
     return gemm, torch.float32, why
@@ -193,9 +198,7 @@ def _reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) ->
 def _gemm(gemm: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -> Tensor:
     """One GEMM path on operands of one dtype; x (..., K) contiguous, weight (N, K)."""
     if gemm == "dit_fast":
-        w = weight.contiguous()
-        return torch.ops.dit_fast.linear_packed(x, torch.ops.dit_fast.linear_pack(w), bias,
-                                                weight.shape[0], gelu)
+        return torch.ops.dit_fast.linear_fwd(x, weight.contiguous(), bias, gelu)
     if gemm == "onednn":
         attr, alg = ("gelu", "tanh") if gelu else ("none", "")
         out = torch.ops.mkldnn._linear_pointwise(x, weight.contiguous(), bias, attr, [], alg)
