@@ -6,7 +6,8 @@
 Modes (one timed iteration each):
 - forward: one forward pass of the batch (inference mode);
 - train: forward + backward + AdamW step of the diffusion training loss (mixed precision: fp32 weights
-  under autocast for bf16/fp16);
+  under autocast for bf16/fp16), each with its training script's optimizer: the official
+  torch.optim.AdamW for the reference models, dit_fast.train.make_optimizer (fused) for dit_fast's;
 - sample: one classifier-free-guided sampler step (250-step DDPM, scale 4): the model on the doubled
   batch [cond; uncond] and the sampler update. Reference implementations run the official path
   (forward_with_cfg + p_sample); dit_fast runs the model once on the doubled batch and its fused guided
@@ -31,11 +32,13 @@ median and the min-max of the turns. Columns:
 - tflops: achieved TFLOP/s from `gflop`;
 - mfu: tflops over the peak matmul throughput of the device in that dtype, measured in this run
   (one large square GEMM, best of >= 5 runs, at the start and at the end of the run: the higher);
+  bf16 rows on a CPU without bf16 dot products use the fp32 peak (their matmuls run in fp32);
 - speedup: time of `reference` in the same mode over this row's time (speedup_min: the same from the
   fastest turns, the steadier figure on a shared machine);
 - gemm_eff: time of the model's GEMMs alone (every Linear / conv-as-GEMM / attention matmul of the
   mode, timed one by one at the model's shapes in that dtype) over the row's time: the fraction of
-  the step that the matmuls would take if everything else were free (1.0 = nothing but GEMMs).
+  the step that the matmuls would take if everything else were free (1.0 = nothing but GEMMs;
+  in the peak's dtype, as for mfu).
 Writes a JSON (--out, default bench/results/<device>-<model>.json) and a PNG bar chart beside it.
 """
 import argparse
@@ -63,10 +66,14 @@ from dit_fast import DiT_models, _backends  # noqa: E402
 from dit_fast.diffusion import create_diffusion  # noqa: E402
 from dit_fast.flops import dit_config, dit_gflops, true_gflop_per_image  # noqa: E402
 from dit_fast.ops.linear import cpu_isa_info, linear_paths  # noqa: E402
+from dit_fast.train import make_optimizer  # noqa: E402
 
 MODES = ("forward", "train", "sample")
 IMPLS = ("reference", "reference+compile", "diffusers", "official", "dit_fast", "dit_fast+compile", "dit_fast-blas")
 CPU_COMPILE_MODES = ("forward",)  # the compiled rows' modes in the default CPU list
+# bf16 rows' modes in the default list on CPUs without bf16 dot products: inference only (training
+# under autocast runs torch's bf16 GEMMs, ~10x slower there)
+CPU_EMULATED_BF16_MODES = ("forward", "sample")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CFG_SCALE = 4.0
 SAMPLE_STEPS = 250
@@ -83,9 +90,10 @@ class Impl:
     "wrap" (forward_with_cfg's computation around the callable + p_sample) or "fused" (one forward on
     the doubled batch + GaussianDiffusion.p_sample_step_cfg, dit_fast's fused guided step)."""
 
-    def __init__(self, name, build, dtype, backend=None, cfg="method", env=None, modes=MODES):
+    def __init__(self, name, build, dtype, backend=None, cfg="method", env=None, modes=MODES, ours=False):
         self.name, self.build, self.dtype, self.backend, self.cfg = name, build, dtype, backend, cfg
         self.env, self.modes = env or {}, modes
+        self.ours = ours  # a dit_fast model: trains with dit_fast.train's optimizer
 
     def context(self, device, autocast):
         stack = contextlib.ExitStack()
@@ -135,6 +143,10 @@ def build_impls(args, base, device):
     wanted = args.impls.split(",")
     fp32 = torch.float32
     compile_modes = CPU_COMPILE_MODES if args.cpu_default_impls else MODES
+    emulated_bf16 = args.cpu_default_impls and not _cpu_has_bf16()
+
+    def modes_for(dname, modes=MODES):
+        return tuple(m for m in modes if m in CPU_EMULATED_BF16_MODES) if emulated_bf16 and dname == "bf16" else modes
 
     def clone(dtype):
         return copy.deepcopy(base).to(device=device, dtype=dtype)
@@ -177,19 +189,22 @@ def build_impls(args, base, device):
                 skipped[f"dit_fast[{backend}]"] = f"does not run on {device.type} tensors"
                 continue
             for dname in args.dtype.split(","):
-                impls.append(Impl(f"dit_fast[{backend}]", clone, DTYPES[dname], backend=backend, cfg="fused"))
+                impls.append(Impl(f"dit_fast[{backend}]", clone, DTYPES[dname], backend=backend, cfg="fused",
+                                  modes=modes_for(dname), ours=True))
     if "dit_fast+compile" in wanted:
         for dname in args.dtype.split(","):
             impls.append(Impl("dit_fast+compile", lambda d: torch.compile(clone(d)), DTYPES[dname], cfg="fused",
-                              modes=compile_modes))
+                              modes=modes_for(dname, compile_modes), ours=True))
     if "dit_fast-blas" in wanted:  # the cpu backend with torch's GEMM instead of the packed one
         status = dit_fast.backends()["cpu"]
         if device.type != "cpu" or not status.available:
             skipped["dit_fast-blas"] = status.reason or f"the cpu backend does not run on {device.type} tensors"
         else:
             for dname in args.dtype.split(","):
+                if emulated_bf16 and dname == "bf16":  # torch's bf16 GEMMs: ~10x slower here
+                    continue
                 impls.append(Impl("dit_fast-blas", clone, DTYPES[dname], backend="cpu", cfg="fused",
-                                  env={"DIT_FAST_CPU_GEMM": "0"}))
+                                  env={"DIT_FAST_CPU_GEMM": "0"}, ours=True))
     return impls, skipped
 
 
@@ -209,7 +224,11 @@ def make_step(mode, impl, inputs, diffusion, device):
             with torch.inference_mode(), impl.context(device, autocast):
                 return model(x, t, y)
     elif mode == "train":
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # each with its own training script's optimizer: the official torch.optim.AdamW, or
+        # dit_fast.train's (the same AdamW, fused where torch has the kernel)
+        opt = (make_optimizer(params, device) if impl.ours else
+               torch.optim.AdamW(params, lr=1e-4, weight_decay=0))
 
         def step():
             with impl.context(device, autocast):
@@ -370,6 +389,22 @@ def peak_matmul_tflops(device, dtype, n=None, min_reps=5, min_time_s=1.0):
     return 2 * n ** 3 / best / 1e12
 
 
+def peak_dtype(device, dname):
+    """The dtype whose matmul peak bounds `dname`'s rows: on CPUs without bf16 dot products bf16
+    models multiply in float32 (dit_fast widens bf16 inside its GEMM), so fp32's."""
+    return "fp32" if device.type == "cpu" and dname == "bf16" and not _cpu_has_bf16() else dname
+
+
+def measure_peaks(device, dnames, n, min_time_s):
+    """{dtype name: peak matmul TFLOP/s bounding its rows (peak_dtype)}, each measured once."""
+    measured = {}
+    for d in dnames:
+        p = peak_dtype(device, d)
+        if p not in measured:
+            measured[p] = peak_matmul_tflops(device, DTYPES[p], n=n, min_time_s=min_time_s)
+    return {d: measured[peak_dtype(device, d)] for d in dnames}
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -424,8 +459,8 @@ def parse_args(argv=None):
                    help="pixels (latent = image-size / 8); default 256")
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None,
                    help="default: 8 on CPU, 32 on GPU")
-    p.add_argument("--dtype", default=None, help="dit_fast dtypes, comma-separated (default GPU: bf16; CPU: fp32, "
-                                                 "plus bf16 where the CPU has native bf16 matmul)")
+    p.add_argument("--dtype", default=None, help="dit_fast dtypes, comma-separated (default GPU: bf16; CPU: fp32,bf16, "
+                                                 "bf16 in inference modes only where the CPU has no bf16 matmul)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--impls", default=None,
                    help=f"comma-separated, from {', '.join(IMPLS)} (default GPU: all but official; CPU: "
@@ -450,7 +485,7 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: no CUDA device here")
     args.model = args.model or ("DiT-XL/2" if gpu else "DiT-S/2")
     args.batch_size = args.batch_size or (32 if gpu else 8)
-    args.dtype = args.dtype or ("bf16" if gpu else "fp32,bf16" if _cpu_has_bf16() else "fp32")
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32,bf16")
     args.cpu_default_impls = not gpu and args.impls is None
     args.impls = args.impls or ("reference,reference+compile,diffusers,dit_fast" if gpu else
                                 "reference,reference+compile,diffusers,dit_fast,dit_fast+compile,dit_fast-blas")
@@ -506,7 +541,7 @@ def main(argv=None):
     fwd_gflop = true_gflop_per_image(args.model, image_size=args.image_size, **over)
     row_dtypes = sorted({_dname(i.dtype) for i in impls})
     peak_time = 0.2 if args.quick else 1.0
-    peaks = {d: peak_matmul_tflops(device, DTYPES[d], n=args.peak_size, min_time_s=peak_time) for d in row_dtypes}
+    peaks = measure_peaks(device, row_dtypes, args.peak_size, peak_time)
     dname = device_name(device)
     depth = f" (depth {args.depth})" if args.depth else ""
     print(f"device: {dname}; torch {torch.__version__}; model {args.model}{depth} @ {args.image_size}px, batch {n}")
@@ -529,7 +564,8 @@ def main(argv=None):
         if not args.no_gemm:
             shapes = gemm_shapes(args.model, args.image_size, n, mode, **over)
             for d in row_dtypes:
-                gemm_ms[(mode, d)] = time_gemms(shapes, device, DTYPES[d], reps=2 if args.quick else 3)
+                gemm_ms[(mode, d)] = time_gemms(shapes, device, DTYPES[peak_dtype(device, d)],
+                                                reps=2 if args.quick else 3)
         per_img = MODE_FLOP_FACTOR[mode] * fwd_gflop
         ref_ms = ref_min = None
         mode_rows = []
@@ -560,7 +596,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
 
     # The peak again after the run, keeping the higher value (a shared machine's load drifts).
-    peaks_end = {d: peak_matmul_tflops(device, DTYPES[d], n=args.peak_size, min_time_s=peak_time) for d in row_dtypes}
+    peaks_end = measure_peaks(device, row_dtypes, args.peak_size, peak_time)
     for d in row_dtypes:
         if peaks_end[d] > peaks[d]:
             for row in rows:

@@ -272,7 +272,8 @@ def test_op_autograd_and_opcheck():
 
 
 def test_compiled_inference_keeps_the_op(monkeypatch):
-    """torch.compile(fullgraph=True) of DiT's Mlp-style pair keeps dit_fast::cpu_linear."""
+    """torch.compile(fullgraph=True) of DiT's Mlp-style pair keeps dit_fast::cpu_linear, except for
+    a Linear whose cpu GEMM is F.linear itself (then the graph calls F.linear: no custom op)."""
     torch.manual_seed(8)
     fc1, fc2 = nn.Linear(24, 96), nn.Linear(96, 24)
 
@@ -288,7 +289,7 @@ def test_compiled_inference_keeps_the_op(monkeypatch):
                                approximate="tanh"), fc2.weight.double(), fc2.bias.double())
         with dit_fast.use_backend("cpu"):
             got = torch.compile(mlp, fullgraph=True, backend="aot_eager")(x)
-    assert calls == [True, False]
+    assert calls == [True] + ([] if lin._plain_f_linear(torch.float32, False) else [False])
     assert_close(got, want)
 
 

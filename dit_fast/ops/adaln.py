@@ -16,8 +16,8 @@ sinusoidal timestep embedding.
     gradients; its broadcasts copy into the parameters in place) treat them as independent ones.
     The GEMM runs on the vendor BLAS (cuBLAS / oneDNN / MKL) through torch on every backend: a
     hand-written kernel would not beat it, and SiLU(c) is a tiny (N, D) elementwise op. Under
-    torch.compile the weights are stacked with torch.cat inside the graph (pointer checks cannot
-    run there).
+    torch.compile (pointer checks cannot run there) each layer runs its own GEMM, as in the official
+    model: stacking the weights inside the graph would copy all of them in every call.
 
 (b) `timestep_embedding(t, dim=256, max_period=10000)`: ``TimestepEmbedder.timestep_embedding``
     in one kernel: [cos(t * freqs), sin(t * freqs)] (+ a zero column for odd dim), float32 math
@@ -290,7 +290,7 @@ def _check_layers(linears: Sequence[nn.Linear]) -> None:
 def _aliasable(params: Sequence[Tensor]) -> bool:
     """Whether `params` may be re-pointed into one buffer: the layers' own nn.Parameters, on a
     real device. Anything else (torch.func.functional_call's tensors, tensor subclasses such as
-    DTensor, meta tensors) is only read (stacked with torch.cat per call)."""
+    DTensor, meta tensors) is only read (one GEMM per layer)."""
     return all(type(p) is nn.Parameter and p.device.type != "meta" and p.numel() > 0 for p in params)
 
 
@@ -318,21 +318,19 @@ def share_adaln_storage(linears: Sequence[nn.Linear]) -> bool:
     return True
 
 
-def _stacked(ps: Sequence[Tensor], linears: Sequence[nn.Linear]) -> Tensor:
-    """The parameters `ps` stacked along dim 0: their shared buffer when they are aliased (after
-    re-aliasing them if something re-pointed one), else a torch.cat (differentiable)."""
-    if not torch.compiler.is_compiling() and all(type(p) is nn.Parameter for p in ps):
+def _stacked(ps: Sequence[Tensor], linears: Sequence[nn.Linear]) -> Optional[Tensor]:
+    """The parameters `ps` stacked along dim 0 as their shared buffer (after re-aliasing them if
+    something re-pointed one), or None where they cannot be aliased, under torch.compile (which
+    cannot see the aliasing) and during CUDA-graph capture."""
+    if torch.compiler.is_compiling() or not all(type(p) is nn.Parameter for p in ps):
+        return None
+    w = _stack_view(ps)
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if w is None and not capturing and share_adaln_storage(linears):
         w = _stack_view(ps)
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if w is None and not capturing and share_adaln_storage(linears):
-            w = _stack_view(ps)
-        if w is not None:
-            if torch.is_grad_enabled() and any(p.requires_grad for p in ps):
-                w = _Alias.apply(w, [p.shape[0] for p in ps], *ps)
-            return w
-    if not torch.compiler.is_compiling():
-        _check_layers(linears)
-    return torch.cat(list(ps), dim=0)
+    if w is not None and torch.is_grad_enabled() and any(p.requires_grad for p in ps):
+        w = _Alias.apply(w, [p.shape[0] for p in ps], *ps)
+    return w
 
 
 @nvtx.annotate("dit_fast.AdaLNPack")
@@ -345,8 +343,9 @@ def adaln_projections(c: Tensor, linears: Sequence[nn.Linear]) -> List[Tensor]:
     buffer and re-aliases otherwise (after ``param.data = ...``, ``.to()``,
     ``load_state_dict(assign=True)`` or a swapped layer), so callers pass the layers as they are
     now (DiT looks them up from its blocks at every call). Under torch.compile, CUDA-graph capture
-    or for parameters that cannot be aliased, the weights are stacked with torch.cat per call.
-    Gradients flow back to every layer's own weight and bias.
+    or for parameters that cannot be aliased, each layer runs its own GEMM instead (stacking the
+    weights would copy all of them in every call). Gradients flow back to every layer's own
+    weight and bias.
     """
     linears = list(linears)
     if not linears:
@@ -357,6 +356,10 @@ def adaln_projections(c: Tensor, linears: Sequence[nn.Linear]) -> List[Tensor]:
         raise ValueError(f"AdaLNPack: c must have shape (N, {d}), got {shape}")
     w = _stacked([lin.weight for lin in linears], linears)
     b = _stacked([lin.bias for lin in linears], linears) if linears[0].bias is not None else None
+    if w is None or (linears[0].bias is not None and b is None):
+        if not torch.compiler.is_compiling():
+            _check_layers(linears)
+        return adaln_modulation_ref(c, linears)
     out = adaln_modulation(c, w, b)                                  # (N, sum(out))
     return list(out.split([lin.out_features for lin in linears], dim=1))
 

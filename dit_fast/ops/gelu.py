@@ -274,11 +274,11 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
             # in-place Triton epilogue.
             if backend == "triton" and _backends.requested_backend() == "triton":
                 return _triton().linear_gelu_fwd(x, weight, bias)
-            if backend == "cpu" and cpu_linear_applies(x, weight, bias):
+            if backend == "cpu" and cpu_linear_applies(x, weight, bias, gelu=True):
                 return cpu_linear(x, weight, bias, gelu=True)  # GELU in the GEMM's epilogue
             h = F.linear(x, weight).contiguous()  # (..., F)
             return _FWD_INPLACE[backend](h, bias)
-    elif cpu_linear_applies(x, weight, bias):  # compiled CPU inference: the same op (ops.linear)
+    elif cpu_linear_applies(x, weight, bias, gelu=True):  # compiled CPU inference: the same op (ops.linear)
         return cpu_linear(x, weight, bias, gelu=True)
     return _gelu_bias_op(F.linear(x, weight), bias)
 

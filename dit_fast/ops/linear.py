@@ -261,7 +261,15 @@ _cpu_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- public API ---------------------------------------------------------------------------------
 
-def cpu_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+@torch.compiler.assume_constant_result
+def _plain_f_linear(dtype: torch.dtype, gelu: bool) -> bool:
+    """Whether the cpu backend's GEMM for this kind of Linear is F.linear itself (a constant of
+    the process for torch.compile's tracing)."""
+    gemm, cdt, _ = _path(dtype, gelu)
+    return gemm == "torch" and cdt == dtype
+
+
+def cpu_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool = False) -> bool:
     """Whether `cpu_linear` serves this call (see the module docstring)."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
         return False
@@ -272,6 +280,8 @@ def cpu_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> boo
     if os.environ.get(_ENV_OFF, "1").strip() == "0" or torch.is_autocast_enabled("cpu"):
         return False
     if torch.compiler.is_compiling():  # the op checks the backend when it runs
+        if _plain_f_linear(x.dtype, gelu):  # it would run F.linear on any backend: the graph
+            return False                    # calls it directly (no custom-op layers per call)
         return not (torch.is_grad_enabled()
                     and any(t is not None and t.requires_grad for t in (x, weight, bias)))
     return eager_inference(x, weight, bias) and _cpu_selected(x)

@@ -9,8 +9,8 @@ from .args import build_parser, make_args, parse_args
 from .data import (DigitsDataset, ImageFolder, LatentDataset, SampleKey, TrainSampler, center_crop_arr,
                    preprocess)
 from .ema import make_ema, update_ema
-from .trainer import TrainingError, build_model_config, main, read_metrics, train
+from .trainer import TrainingError, build_model_config, main, make_optimizer, read_metrics, train
 
 __all__ = ["DigitsDataset", "ImageFolder", "LatentDataset", "SampleKey", "TrainSampler", "TrainingError",
-           "build_model_config", "build_parser", "center_crop_arr", "main", "make_args", "make_ema",
+           "build_model_config", "build_parser", "center_crop_arr", "main", "make_args", "make_ema", "make_optimizer",
            "parse_args", "preprocess", "read_metrics", "train", "update_ema"]

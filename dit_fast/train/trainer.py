@@ -41,6 +41,14 @@ LOGGER_NAME = "dit_fast.train"
 METRICS_FILE = "metrics.jsonl"
 
 
+
+def make_optimizer(params, device: torch.device, lr: float = 1e-4, weight_decay: float = 0.0):
+    """The official AdamW (lr 1e-4, no weight decay), fused where torch has a fused kernel for the
+    device: one kernel for all parameters, the same update (on CPU 2.3-5.9x faster than torch's
+    default per-parameter loop for DiT-S/2, bench/cpu_train_profile.py)."""
+    fused = torch.device(device).type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
 
@@ -317,11 +325,7 @@ class _Run:
             enable_grad_checkpointing(model)
         model.to(device)
         self.ema.to(device)
-        # fused: one kernel for all parameters (CPU and CUDA; the same AdamW update; on CPU 5.9x
-        # faster than the default per-parameter loop for DiT-S/2, bench/cpu_train_profile.py)
-        fused = device.type in ("cpu", "cuda")
-        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                     fused=fused or None)
+        self.opt = make_optimizer(model.parameters(), device, lr=args.lr, weight_decay=args.weight_decay)
         if self.resume is not None:
             self._load_weights()
         else:
