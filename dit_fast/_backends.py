@@ -658,6 +658,11 @@ def backends(refresh: bool = False) -> BackendReport:
         reason = _probe(name)
         note = ("interpreter" if name == "triton" and reason is None and triton_interpreter()
                 and not torch.cuda.is_available() else None)
+        if name == "cpu" and reason is None:  # which of dit_fast._C's ISA paths runs, and bf16
+            from .ops.linear import cpu_isa_info
+            isa = cpu_isa_info()
+            note = (f"{isa['active']} kernels; bf16 GEMMs "
+                    f"{'native (oneDNN)' if isa['native_bf16'] else 'in float32 math'}")
         out[name] = BackendInfo(name=name, available=reason is None, reason=reason,
                                 device_types=_DEVICE_TYPES[name],
                                 ops=tuple(op for op, bs in ops.items() if name in bs), note=note)

@@ -82,6 +82,21 @@ def test_report_reasons_match_this_machine():
         assert not report["cuda"].available
 
 
+@pytest.mark.skipif(not HAS_C, reason="dit_fast._C not built")
+def test_report_names_the_cpu_isa_in_use():
+    """The cpu backend's entry says which of dit_fast._C's ISA paths runs (it follows set_cpu_isa)."""
+    from dit_fast import _C
+    prev = _C.set_cpu_isa("auto")
+    try:
+        for isa in _C.supported_cpu_isas():
+            _C.set_cpu_isa(isa)
+            note = backends()["cpu"].note
+            assert note.startswith(f"{isa} kernels;") and "bf16 GEMMs" in note
+            assert f"({note})" in str(backends())
+    finally:
+        _C.set_cpu_isa(prev)
+
+
 def test_package_reexports():
     assert dit_fast.backends is backends
     assert dit_fast.use_backend is use_backend
