@@ -27,6 +27,7 @@ import dit_fast  # noqa: E402
 from dit_fast import DiT_models  # noqa: E402
 from dit_fast.diffusion import create_diffusion  # noqa: E402
 from dit_fast.ops.linear import cpu_isa_info  # noqa: E402
+from dit_fast.train import make_optimizer  # noqa: E402
 
 # aten ops that are GEMMs (or attention, whose time is its two GEMMs and a softmax).
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product",
@@ -54,7 +55,7 @@ def main():
     x, y = torch.randn(n, 4, lat, lat), torch.randint(0, 1000, (n,))
     t = torch.randint(0, 1000, (n,))
     diffusion = create_diffusion("")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)  # dit_fast/train's optimizer
+    opt = make_optimizer(model.parameters(), torch.device("cpu"))  # dit_fast.train's (fused AdamW)
 
     def step():
         with dit_fast.use_backend(args.backend):
