@@ -32,6 +32,7 @@ SHAPES = [  # (M, K, N); DiT-sized ones in the slow tier
     (1, 7, 3), (5, 384, 17), (6, 16, 16), (67, 72, 100), (97, 257, 33),
     pytest.param(300, 1000, 1152, marks=pytest.mark.slow),
     pytest.param(2048, 384, 1152, marks=pytest.mark.slow), (49, 1536, 384), (13, 1, 5),
+    (8, 384, 2311), (16, 385, 203), (17, 64, 9),  # the few-rows kernel (adaLN) and its edge
 ]
 
 
@@ -198,7 +199,10 @@ def test_when_the_cpu_linear_runs(monkeypatch):
         with dit_fast.use_backend("cpu"):
             assert lin.cpu_linear_applies(x, w, b)
             assert lin.cpu_linear_applies(x.bfloat16(), w.bfloat16(), b.bfloat16())
-            assert not lin.cpu_linear_applies(x[:5], w, b)      # too few rows
+            # between FEW_ROWS and MIN_ROWS rows: torch's GEMM; up to FEW_ROWS: the few-rows kernel
+            assert not lin.cpu_linear_applies(x[:lin.FEW_ROWS + 1], w, b)
+            assert lin.cpu_linear_applies(x[:5], w, b) == lin._few_rows_kernel(torch.float32, False)
+            assert not lin.cpu_linear_applies(x[:0], w, b)
             assert not lin.cpu_linear_applies(x.double(), w.double(), b.double())
             assert not lin.cpu_linear_applies(x, w.bfloat16(), b)  # mixed dtypes: the module's error
             monkeypatch.setenv("DIT_FAST_CPU_GEMM", "0")
@@ -225,7 +229,8 @@ def test_paths_and_isa_are_reported():
     assert info["active"] in _isas() and info["active"] in info["summary"]
     assert ("avx2" in info["flags"]) == ("avx2" in _isas())
     paths = lin.linear_paths()
-    assert set(paths) == {"float32 linear", "float32 linear+gelu", "bfloat16 linear", "bfloat16 linear+gelu"}
+    assert set(paths) == {f"{d} linear{k}" for d in ("float32", "bfloat16")
+                          for k in ("", "+gelu", f" (<= {lin.FEW_ROWS} rows)")}
     if lin._dit_isa() == "avx2" and not lin._cpu_caps().get("avx512_f"):  # measured: MKL, ours for fc1
         assert paths["float32 linear"].startswith("torch in float32")
         assert paths["float32 linear+gelu"].startswith("dit_fast in float32")
@@ -325,7 +330,8 @@ def test_linear_gelu_uses_the_epilogue_in_cpu_inference():
 
 def test_model_inference_runs_every_token_linear_on_the_packed_gemm(monkeypatch):
     """DiT inference on CPU float32: qkv, proj, fc1 (+GELU), fc2 and the final Linear run
-    cpu_linear, and the output matches the reference backend (official math)."""
+    cpu_linear, so does the stacked adaLN projection (2 rows) where the few-rows kernel runs, and
+    the output matches the reference backend (official math)."""
     from dit_fast import DiT
     torch.manual_seed(4)
     model = DiT(input_size=16, patch_size=2, in_channels=4, hidden_size=72, depth=2, num_heads=2,
@@ -350,5 +356,8 @@ def test_model_inference_runs_every_token_linear_on_the_packed_gemm(monkeypatch)
     D = 72
     want = {((3 * D, D), False): 2, ((D, D), False): 2, ((4 * D, D), True): 2, ((D, 4 * D), False): 2,
             ((2 * 2 * 8, D), False): 1}
-    assert {k: calls.count(k) for k in want} == want and len(calls) == 9
+    adaln = lin._few_rows_kernel(torch.float32, False)
+    if adaln:  # 2 blocks x 6 D + the final layer's 2 D
+        want[((2 * 6 * D + 2 * D, D), False)] = 1
+    assert {k: calls.count(k) for k in want} == want and len(calls) == 9 + adaln
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

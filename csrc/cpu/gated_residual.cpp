@@ -79,7 +79,7 @@ struct FusedFwdArgs {
   double eps;
 };
 
-// scratch: 5 * D accumulator elements: [r | y | gate | shift | scale].
+// scratch: 4 * D accumulator elements: [r | gate | shift | scale].
 template <typename T>
 DIT_FORCEINLINE void fused_fwd_row_impl(const FusedFwdArgs& a, int64_t row, Scratch& s) {
   using A = acc_t<T>;
@@ -87,27 +87,26 @@ DIT_FORCEINLINE void fused_fwd_row_impl(const FusedFwdArgs& a, int64_t row, Scra
   A* buf = static_cast<A*>(s.buf);
   const bool refresh = s.cached_n != n;
   s.cached_n = n;
-  const A* g = param_row<T>(a.gate, a.gate_rs, n, D, buf + 2 * D, refresh);
-  const A* sh = param_row<T>(a.shift, a.shift_rs, n, D, buf + 3 * D, refresh);
-  const A* sc = param_row<T>(a.scale, a.scale_rs, n, D, buf + 4 * D, refresh);
-  const A* xr = widen(static_cast<const T*>(a.x) + row * D, buf, D);
-  const A* yr = widen(static_cast<const T*>(a.y) + row * D, buf + D, D);
+  const A* g = param_row<T>(a.gate, a.gate_rs, n, D, buf + D, refresh);
+  const A* sh = param_row<T>(a.shift, a.shift_rs, n, D, buf + 2 * D, refresh);
+  const A* sc = param_row<T>(a.scale, a.scale_rs, n, D, buf + 3 * D, refresh);
+  const T* xr = static_cast<const T*>(a.x) + row * D;
+  const T* yr = static_cast<const T*>(a.y) + row * D;
   T* xo = static_cast<T*>(a.x_new) + row * D;
   const A* r;
   if constexpr (std::is_same<T, A>::value) {
     DIT_OMP_SIMD
     for (int64_t d = 0; d < D; ++d) xo[d] = gr::residual<A>(xr[d], g[d], yr[d]);
     r = xo;
-  } else {
-    A* rr = buf;  // in place over the widened x row
+  } else {  // widened, added and rounded in one pass; r: the stored values, exactly
+    A* rr = buf;
     DIT_OMP_SIMD
-    for (int64_t d = 0; d < D; ++d) rr[d] = store_rounded(xo + d, gr::residual<A>(xr[d], g[d], yr[d]));
+    for (int64_t d = 0; d < D; ++d)
+      rr[d] = store_rounded(xo + d, gr::residual<A>(to_float(xr[d]), g[d], to_float(yr[d])));
     r = rr;
   }
-
-  // tmp: the widened y row, no longer needed
   lnm_rows::forward<T, A>(r, sh, sc, D, static_cast<A>(a.eps), static_cast<T*>(a.h) + row * D,
-                          static_cast<A*>(a.mean) + row, static_cast<A*>(a.rstd) + row, buf + D);
+                          static_cast<A*>(a.mean) + row, static_cast<A*>(a.rstd) + row);
 }
 
 // ---- fused backward -------------------------------------------------------------------------
@@ -202,7 +201,7 @@ struct PlainArgs {
   int64_t D;
 };
 
-// scratch: 3 * D: [x | y | gate].
+// scratch: D: [gate].
 template <typename T>
 DIT_FORCEINLINE void plain_fwd_row_impl(const PlainArgs& a, int64_t row, Scratch& s) {
   using A = acc_t<T>;
@@ -210,18 +209,17 @@ DIT_FORCEINLINE void plain_fwd_row_impl(const PlainArgs& a, int64_t row, Scratch
   A* buf = static_cast<A*>(s.buf);
   const bool refresh = s.cached_n != n;
   s.cached_n = n;
-  const A* g = param_row<T>(a.gate, a.gate_rs, n, D, buf + 2 * D, refresh);
-  const A* xr = widen(static_cast<const T*>(a.x) + row * D, buf, D);
-  const A* yr = widen(static_cast<const T*>(a.y) + row * D, buf + D, D);
+  const A* g = param_row<T>(a.gate, a.gate_rs, n, D, buf, refresh);
+  const T* xr = static_cast<const T*>(a.x) + row * D;
+  const T* yr = static_cast<const T*>(a.y) + row * D;
   T* o = static_cast<T*>(a.out) + row * D;
   if constexpr (std::is_same<T, A>::value) {
     DIT_OMP_SIMD
     for (int64_t d = 0; d < D; ++d) o[d] = gr::residual<A>(xr[d], g[d], yr[d]);
-  } else {
-    A* tmp = buf;
+  } else {  // widened, added and rounded in one pass
     DIT_OMP_SIMD
-    for (int64_t d = 0; d < D; ++d) tmp[d] = gr::residual<A>(xr[d], g[d], yr[d]);
-    store_row(tmp, o, D);
+    for (int64_t d = 0; d < D; ++d)
+      o[d].bits = float_to_bf16_bits(gr::residual<A>(to_float(xr[d]), g[d], to_float(yr[d])));
   }
 }
 
@@ -324,7 +322,7 @@ void rows_driver(const Args& a, int64_t rows, int64_t D, int64_t scratch_elems, 
 template <typename T>
 void fused_fwd(const FusedFwdArgs& a, int64_t N, int num_threads) {
   const FusedFwdFn<T> fn = DIT_GR_PICK(fused_fwd_row);
-  rows_driver<T>(a, N * a.T, a.D, 5 * a.D, num_threads, fn);
+  rows_driver<T>(a, N * a.T, a.D, 4 * a.D, num_threads, fn);
 }
 
 template <typename T>
@@ -343,7 +341,7 @@ void fused_bwd(const FusedBwdArgs& a, int64_t N, void* dgate, void* dshift, void
 template <typename T>
 void plain_fwd(const PlainArgs& a, int64_t N, int num_threads) {
   const PlainFwdFn<T> fn = DIT_GR_PICK(plain_fwd_row);
-  rows_driver<T>(a, N * a.T, a.D, 3 * a.D, num_threads, fn);
+  rows_driver<T>(a, N * a.T, a.D, a.D, num_threads, fn);
 }
 
 template <typename T>

@@ -289,6 +289,159 @@ float* packed_scratch(int64_t n) {
   return buf.data();
 }
 
+// ---- few rows (M <= kGemmSmallM: adaLN's one row per sample) ---------------------------------
+// No reordering: the GEMM is as much work as a pass over the weight, which it reads once, rows of
+// W in place (bf16: each tile's 4 rows widened once into a per-thread buffer). Each thread takes an equal share of the output columns, in
+// tiles of 4 columns x up to 3 rows: 12 accumulators of 8 k-lanes, reduced once per tile; the
+// 4 weight rows of a tile stay in L1 while the row chunks pass over them. Every output element
+// sums its K products in the same fixed order on any thread count.
+
+constexpr int64_t SR = 3, SN = 4;  // rows, columns per few-rows tile
+
+struct SmallProblem {
+  const float* x;  // float32 rows (a bf16 x is widened once per call)
+  int64_t ldx;
+  const void* w;
+  const float* bias;
+  void* out;
+  int64_t ldo, M, N, K;
+  Epilogue ep;
+};
+
+template <typename T>
+DIT_FORCEINLINE void small_store(const SmallProblem& p, int64_t m, int64_t n, float v) {
+  if (p.bias) v += p.bias[n];
+  if (p.ep == Epilogue::kGelu) v = gelu::forward<float>(v);
+  put(static_cast<T*>(p.out) + m * p.ldo + n, v);
+}
+
+// The 4 weight rows of the column tile at nb as float32 rows (rows past nr repeat the last one):
+// in place for float32, widened into `buf` (SN x K floats) for bf16, once per tile.
+template <typename T>
+DIT_FORCEINLINE void tile_rows(const SmallProblem& p, int64_t nb, int64_t nr, float* buf,
+                               const float* rows[SN]) {
+  const T* w = static_cast<const T*>(p.w);
+  for (int64_t j = 0; j < SN; ++j) {
+    const T* src = w + (nb + std::min(j, nr - 1)) * p.K;
+    if constexpr (std::is_same<T, float>::value) {
+      rows[j] = src;
+    } else {
+      if (j < nr) rowpar::load_row(src, buf + j * p.K, p.K);
+      rows[j] = buf + std::min(j, nr - 1) * p.K;
+    }
+  }
+}
+
+template <typename T>
+void small_generic(const SmallProblem& p, int64_t n0, int64_t n1, float* buf) {
+  for (int64_t nb = n0; nb < n1; nb += SN) {
+    const int64_t nr = std::min(SN, n1 - nb);
+    const float* wr[SN];
+    tile_rows<T>(p, nb, nr, buf, wr);
+    for (int64_t j = 0; j < nr; ++j)
+      for (int64_t m = 0; m < p.M; ++m) {
+        const float* xr = p.x + m * p.ldx;
+        float acc[8] = {};
+        int64_t k = 0;
+        for (; k + 8 <= p.K; k += 8)
+          for (int l = 0; l < 8; ++l) acc[l] += xr[k + l] * wr[j][k + l];
+        float v = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (; k < p.K; ++k) v += xr[k] * wr[j][k];
+        small_store<T>(p, m, nb + j, v);
+      }
+  }
+}
+
+#if DIT_CPU_HAVE_AVX2_PATH
+#define DIT_AVX2_FI DIT_TARGET_AVX2 inline __attribute__((always_inline))
+
+// The 8 lanes of each of a0..a3 summed: {sum(a0), sum(a1), sum(a2), sum(a3)}, pairwise as in
+// small_generic ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7)).
+DIT_AVX2_FI __m128 fold8(__m256 a) {  // lanes j + 4 added to lanes j
+  return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+}
+DIT_AVX2_FI __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m128 b0 = fold8(a0), b1 = fold8(a1), b2 = fold8(a2), b3 = fold8(a3);
+  // (l0 + l1) and (l2 + l3) of each, then their sum
+  return _mm_hadd_ps(_mm_hadd_ps(b0, b1), _mm_hadd_ps(b2, b3));
+}
+
+template <typename T>
+DIT_TARGET_AVX2 void small_avx2(const SmallProblem& p, int64_t n0, int64_t n1, float* buf) {
+  const int64_t K8 = p.K / 8 * 8;
+  for (int64_t nb = n0; nb < n1; nb += SN) {
+    const int64_t nr = std::min(SN, n1 - nb);
+    const float* wr[SN];
+    tile_rows<T>(p, nb, nr, buf, wr);
+    for (int64_t mb = 0; mb < p.M; mb += SR) {
+      const int64_t mr = std::min(SR, p.M - mb);
+      const float* xr[SR];
+      for (int64_t i = 0; i < SR; ++i) xr[i] = p.x + (mb + std::min(i, mr - 1)) * p.ldx;
+      __m256 c[SR][SN];
+      for (int64_t i = 0; i < SR; ++i)
+        for (int64_t j = 0; j < SN; ++j) c[i][j] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K8; k += 8) {
+        const __m256 b0 = _mm256_loadu_ps(wr[0] + k), b1 = _mm256_loadu_ps(wr[1] + k),
+                     b2 = _mm256_loadu_ps(wr[2] + k), b3 = _mm256_loadu_ps(wr[3] + k);
+        for (int64_t i = 0; i < SR; ++i) {
+          const __m256 a = _mm256_loadu_ps(xr[i] + k);
+          c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
+          c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
+          c[i][2] = _mm256_fmadd_ps(a, b2, c[i][2]);
+          c[i][3] = _mm256_fmadd_ps(a, b3, c[i][3]);
+        }
+      }
+      for (int64_t i = 0; i < mr; ++i) {
+        alignas(16) float v[SN];
+        _mm_store_ps(v, hsum4(c[i][0], c[i][1], c[i][2], c[i][3]));
+        for (int64_t j = 0; j < nr; ++j) {
+          for (int64_t k = K8; k < p.K; ++k) v[j] += xr[i][k] * wr[j][k];
+          small_store<T>(p, mb + i, nb + j, v[j]);
+        }
+      }
+    }
+  }
+}
+#undef DIT_AVX2_FI
+#endif  // DIT_CPU_HAVE_AVX2_PATH
+
+template <typename T>
+Status small_forward(const T* x, int64_t ldx, const T* w, const float* bias, T* out, int64_t ldo,
+                     int64_t M, int64_t N, int64_t K, Epilogue epilogue, int num_threads) {
+  std::vector<float> x32;  // bf16 rows widened once (M x K floats)
+  const float* xf;
+  int64_t ldxf = ldx;
+  if constexpr (std::is_same<T, float>::value) {
+    xf = x;
+  } else {
+    x32.resize(M * K);
+    for (int64_t m = 0; m < M; ++m) rowpar::load_row(x + m * ldx, x32.data() + m * K, K);
+    xf = x32.data(), ldxf = K;
+  }
+  const SmallProblem p{xf, ldxf, w, bias, out, ldo, M, N, K, epilogue};
+  void (*fn)(const SmallProblem&, int64_t, int64_t, float*) = &small_generic<T>;
+#if DIT_CPU_HAVE_AVX2_PATH
+  if (active_isa() == Isa::kAvx2) fn = &small_avx2<T>;
+#endif
+  const int64_t tiles = (N + SN - 1) / SN;
+  const int nt = rowpar::resolve_threads(num_threads, tiles, M * N * K / 16);
+  const int64_t buf_numel = std::is_same<T, float>::value ? 0 : SN * K;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    std::vector<float> buf(buf_numel);
+    fn(p, std::min(N, tiles * tid / nth * SN), std::min(N, tiles * (tid + 1) / nth * SN),
+       buf.data());
+  }
+#else
+  (void)nt;
+  std::vector<float> buf(buf_numel);
+  fn(p, 0, N, buf.data());
+#endif
+  return Status::kOk;
+}
+
 template <typename T>
 Status forward(const T* x, int64_t ldx, const T* w, const T* bias, T* out, int64_t ldo, int64_t M,
                int64_t N, int64_t K, Epilogue epilogue, int num_threads) {
@@ -309,6 +462,8 @@ Status forward(const T* x, int64_t ldx, const T* w, const T* bias, T* out, int64
       }
     return Status::kOk;
   }
+  if (M <= kGemmSmallM)
+    return small_forward(x, ldx, w, bias32.get(), out, ldo, M, N, K, epilogue, num_threads);
   const int64_t np = num_panels(N), nkb = (K + KC - 1) / KC, row_panels = (M + MR - 1) / MR;
   float* packed = packed_scratch(K * np * NR);
   const Problem<T> p{x, ldx, packed, bias32.get(), out, ldo, M, N, K, epilogue};

@@ -29,6 +29,9 @@ namespace cpu {
 enum class Epilogue : int { kNone = 0, kGelu = 1 };
 
 constexpr int64_t kGemmMr = 6, kGemmNr = 16, kGemmKc = 384, kGemmMc = 96;
+// Up to this many rows (adaLN: one per sample) the weight is read in place, once, without
+// reordering (a reorder would cost as much as the GEMM).
+constexpr int64_t kGemmSmallM = 16;
 
 // out (M, N) (row stride ldo >= N) = epilogue(x (M, K) (row stride ldx >= K) @ w^T + bias),
 // w (N, K) contiguous; bias: (N) or nullptr. num_threads <= 0: OpenMP default.

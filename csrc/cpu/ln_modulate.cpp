@@ -85,9 +85,8 @@ DIT_FORCEINLINE void fwd_row_impl(const FwdArgs& a, int64_t row, Scratch& s) {
     sc = scratch + 2 * D;
   }
 
-  // tmp: in place over the widened x row (element d is read before it is written)
   lnm_rows::forward<T, A>(xr, sh, sc, D, static_cast<A>(a.eps), static_cast<T*>(a.y) + row * D,
-                          static_cast<A*>(a.mean) + row, static_cast<A*>(a.rstd) + row, scratch);
+                          static_cast<A*>(a.mean) + row, static_cast<A*>(a.rstd) + row);
 }
 
 struct BwdArgs {

@@ -14,12 +14,11 @@ namespace dit_fast {
 namespace cpu {
 namespace lnm_rows {
 
-// out = LN(r) * (1 + sc) + sh for one row of D accumulator-type elements `r`; stores the row's
-// mean and rstd. `tmp` (D accumulators; may alias r: element d is read before it is written)
-// holds the result before it is narrowed when T is narrower than the accumulator type.
+// out = LN(r) * (1 + sc) + sh for one row of D accumulator-type elements `r` (T: A itself, or
+// bf16 with A = float); stores the row's mean and rstd.
 template <typename T, typename A>
 DIT_FORCEINLINE void forward(const A* r, const A* sh, const A* sc, int64_t D, A eps, T* out,
-                             A* mean_out, A* rstd_out, A* tmp) {
+                             A* mean_out, A* rstd_out) {
   namespace lnm = ::dit_fast::ln_modulate;
   A mean, var;
   lnm::row_mean_var<A>(r, D, mean, var);
@@ -29,10 +28,10 @@ DIT_FORCEINLINE void forward(const A* r, const A* sh, const A* sc, int64_t D, A 
   if constexpr (std::is_same<T, A>::value) {
     DIT_OMP_SIMD
     for (int64_t d = 0; d < D; ++d) out[d] = lnm::forward_elem<A>(r[d], mean, rstd, sh[d], sc[d]);
-  } else {
+  } else {  // rounded in the same pass (one pass less than a float row + store_row)
     DIT_OMP_SIMD
-    for (int64_t d = 0; d < D; ++d) tmp[d] = lnm::forward_elem<A>(r[d], mean, rstd, sh[d], sc[d]);
-    rowpar::store_row(tmp, out, D);
+    for (int64_t d = 0; d < D; ++d)
+      out[d].bits = float_to_bf16_bits(lnm::forward_elem<A>(r[d], mean, rstd, sh[d], sc[d]));
   }
 }
 

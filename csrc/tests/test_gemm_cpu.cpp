@@ -74,11 +74,13 @@ int main() {
   std::vector<cpu::Isa> isas;
   for (cpu::Isa isa : {cpu::Isa::kGeneric, cpu::Isa::kAvx2})
     if (cpu::isa_supported(isa)) isas.push_back(isa);
-  // K across 1-3 K blocks (kGemmKc), M across several row blocks (kGemmMc) and odd tails
-  const int64_t kc = cpu::kGemmKc, mc = cpu::kGemmMc;
+  // K across 1-3 K blocks (kGemmKc), M across several row blocks (kGemmMc) and odd tails; the
+  // few-rows path (M <= kGemmSmallM) at its edge, N not a multiple of its 4-column tiles
+  const int64_t kc = cpu::kGemmKc, mc = cpu::kGemmMc, sm = cpu::kGemmSmallM;
   const int64_t shapes[][3] = {{1, 1, 1},       {5, 3, 7},          {6, 16, 16},
                                {7, 17, kc - 1}, {49, 33, kc},       {97, 100, kc + 1},
-                               {mc + 34, 72, 2 * kc + 88}, {2 * mc + 5, 24, 40}, {3, 40, 0}};
+                               {mc + 34, 72, 2 * kc + 88}, {2 * mc + 5, 24, 40}, {3, 40, 0},
+                               {sm, 37, 100},   {sm + 1, 37, 100},  {2, 4099, 9}};
   uint32_t seed = 1;
   for (cpu::Isa isa : isas) {
     CHECK(cpu::set_isa(isa), "set_isa(%s)", cpu::isa_name(isa));

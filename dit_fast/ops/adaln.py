@@ -51,6 +51,7 @@ from torch import Tensor
 
 from .. import _backends, nvtx, validation
 from ._eager import eager_inference
+from .linear import cpu_linear, cpu_linear_applies
 
 __all__ = ["AdaLNPack", "adaln_projections", "share_adaln_storage", "adaln_modulation", "adaln_modulation_ref", "timestep_embedding",
            "timestep_embedding_ref", "OP_TIMESTEP_EMBEDDING"]
@@ -226,8 +227,12 @@ def adaln_modulation_ref(c: Tensor, linears: Sequence[nn.Linear]) -> List[Tensor
 
 
 def adaln_modulation(c: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``SiLU(c) @ weight^T + bias`` for a stacked weight (sum of out_features, D)."""
-    return F.linear(F.silu(c), weight, bias)
+    """``SiLU(c) @ weight^T + bias`` for a stacked weight (sum of out_features, D); in CPU
+    inference on dit_fast's few-rows GEMM where it runs (ops.linear)."""
+    s = F.silu(c)
+    if cpu_linear_applies(s, weight, bias):
+        return cpu_linear(s, weight, bias)
+    return F.linear(s, weight, bias)
 
 
 class _Alias(torch.autograd.Function):
@@ -359,7 +364,7 @@ def adaln_projections(c: Tensor, linears: Sequence[nn.Linear]) -> List[Tensor]:
     if w is None or (linears[0].bias is not None and b is None):
         if not torch.compiler.is_compiling():
             _check_layers(linears)
-        return adaln_modulation_ref(c, linears)
+        return [adaln_modulation(c, lin.weight, lin.bias) for lin in linears]  # the same GEMMs
     out = adaln_modulation(c, w, b)                                  # (N, sum(out))
     return list(out.split([lin.out_features for lin in linears], dim=1))
 

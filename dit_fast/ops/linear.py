@@ -9,7 +9,7 @@ GEMMs (`linear_paths` gives the choice on this machine, bench/results/cpu-gemm-<
                 bias / GELU fused, every ISA from AVX2 to AMX). A private torch op: used only where
                 this torch has it.
 - ``dit_fast``: dit_fast._C's packed-weight GEMM (csrc/cpu/gemm.cpp, AVX2 6x16 micro-kernel); the
-                fastest for fc1 + GELU on AVX2-only CPUs (bench/results/cpu-linear-paths-avx2.md),
+                fastest for fc1 + GELU on AVX2-only CPUs (bench/results/cpu-bf16-avx2.md),
                 and for bf16 there (bf16 operands widened inside the GEMM: no copies).
 - ``torch``:    F.linear (MKL).
 float32, where dit_fast._C runs its AVX2 path on a CPU without AVX-512: fc1 + GELU on ``dit_fast``,
@@ -24,8 +24,13 @@ the threads, small next to the M x K x N GEMM) into scratch memory, oneDNN and M
 weight, and bf16 weights are widened per call. So no route of changing weights (param.data writes,
 optimizer steps, load_state_dict, .to(), deepcopy) can leave a stale copy.
 
+Few rows (at most `FEW_ROWS`: the adaLN projection, one row per sample): where dit_fast._C runs its
+AVX2 path, its few-rows kernel, which reads the weight once in place (2-3x MKL's GEMM at adaLN's
+shapes, bench/results/cpu-bf16-avx2.md); bf16 weights are widened per call, never cached.
+
 When it runs (`cpu_linear_applies`): inference (no tensor needs a gradient), CPU tensors of one dtype,
-float32 or bfloat16, no CPU autocast, at least `MIN_ROWS` rows, ``DIT_FAST_CPU_GEMM`` not 0, and in
+float32 or bfloat16, no CPU autocast, at least `MIN_ROWS` rows (or at most `FEW_ROWS` where the
+few-rows kernel runs), ``DIT_FAST_CPU_GEMM`` not 0, and in
 eager mode no torch dispatch mode (FlopCounterMode sees F.linear) and the ``cpu`` backend chosen for
 op ``"linear"``. Under torch.compile it is the custom op ``dit_fast::cpu_linear`` (fake kernel,
 registered autograd), which checks the backend when it runs: compiled models keep these GEMMs.
@@ -51,10 +56,11 @@ from .. import _backends, validation
 from ._eager import eager_inference
 
 __all__ = ["linear", "linear_ref", "cpu_linear", "cpu_linear_applies", "linear_paths", "cpu_isa_info",
-           "OP_NAME", "MIN_ROWS"]
+           "OP_NAME", "MIN_ROWS", "FEW_ROWS"]
 
 OP_NAME = "linear"
-MIN_ROWS = 32  # below this (the adaLN / timestep GEMMs: one row per sample) torch's GEMM is used
+MIN_ROWS = 32  # token GEMMs from this many rows on; below, only the few-rows kernel (FEW_ROWS)
+FEW_ROWS = 16  # up to this many rows (adaLN: one per sample) dit_fast's few-rows kernel (cpu/gemm.h)
 _ENV_OFF = "DIT_FAST_CPU_GEMM"  # =0 turns these GEMMs off (benchmarks: torch's GEMM instead)
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -119,14 +125,19 @@ def cpu_isa_info() -> dict:
 
 # ---- GEMM choice --------------------------------------------------------------------------------
 
-def _path(dtype: torch.dtype, gelu: bool) -> tuple[Optional[str], torch.dtype, str]:
-    """(GEMM or None: torch's own, compute dtype, why) for a Linear in `dtype` on this machine."""
+def _path(dtype: torch.dtype, gelu: bool, few: bool = False) -> tuple[Optional[str], torch.dtype, str]:
+    """(GEMM or None: torch's own, compute dtype, why) for a Linear in `dtype` on this machine;
+    `few`: at most FEW_ROWS rows."""
     isa, onednn = _dit_isa(), _onednn_missing()
     if dtype == torch.bfloat16 and _onednn_bf16():
         return "onednn", torch.bfloat16, "bf16 dot products in hardware"
+    if few and isa == "avx2":  # reads the weight once, no reorder: memory-bound like MKL, 2-3x faster
+        return "dit_fast", dtype, "few rows: the weight read once (bench/results/cpu-bf16-avx2.md)"
+    if few:
+        return None, dtype, f"dit_fast._C runs {isa or 'nowhere'} here (its generic few-rows kernel is slower than torch's)"
     ours = isa == "avx2" and not _cpu_caps().get("avx512_f")
     if gelu and ours:
-        gemm, why = "dit_fast", "fastest measured for fc1 + GELU on AVX2 (bench/results/cpu-linear-paths-avx2.md)"
+        gemm, why = "dit_fast", "fastest measured for fc1 + GELU on AVX2 (bench/results/cpu-bf16-avx2.md)"
     elif ours:  # in the model: oneDNN slower, our GEMM no faster (bench/results/cpu-bf16-avx2.md)
         gemm, why = "torch", "F.linear (MKL): as fast as ours in the model on AVX2, oneDNN slower (bench/results/cpu-bf16-avx2.md)"
     elif onednn is None:  # unmeasured in the model on these CPUs (GEMM alone: bench/cpu_gemm.py)
@@ -136,20 +147,21 @@ def _path(dtype: torch.dtype, gelu: bool) -> tuple[Optional[str], torch.dtype, s
                            f"{isa or 'nowhere'} here (its generic GEMM is slower than torch's)")
     if dtype == torch.bfloat16 and ours:  # bf16 operands, widened inside the GEMM: no copies
         return "dit_fast", torch.bfloat16, ("no bf16 dot products: float32 sums, bf16 operands "
-                                            "widened while packed (bench/results/cpu-bf16-avx2.md)")
+                                            "widened inside the GEMM (bench/results/cpu-bf16-avx2.md)")
     if dtype == torch.bfloat16:  # no bf16 dot products: float32 GEMM on upcast operands
         return gemm or "torch", torch.float32, f"{why}; bf16 as float32 (no bf16 dot products)"
     return gemm, torch.float32, why
 
 
 def linear_paths() -> dict[str, str]:
-    """{"float32 linear" | "float32 linear+gelu" | "bfloat16 ...": "<gemm> in <dtype>: why"}: the
-    GEMM each kind of Linear runs in CPU inference on this machine (for backends() / explain())."""
+    """{"float32 linear" | "float32 linear+gelu" | "float32 linear (<= 16 rows)" | "bfloat16 ...":
+    "<gemm> in <dtype>: why"}: the GEMM each kind of Linear runs in CPU inference on this machine
+    (for backends() / explain())."""
     out = {}
     for dtype in _DTYPES:
-        for gelu in (False, True):
-            gemm, cdt, why = _path(dtype, gelu)
-            name = f"{str(dtype)[6:]} linear{'+gelu' if gelu else ''}"
+        for gelu, few in ((False, False), (True, False), (False, True)):
+            gemm, cdt, why = _path(dtype, gelu, few)
+            name = f"{str(dtype)[6:]} linear{'+gelu' if gelu else ''}{f' (<= {FEW_ROWS} rows)' if few else ''}"
             out[name] = (f"{gemm} in {str(cdt)[6:]}: {why}" if gemm else f"torch (F.linear): {why}")
     return out
 
@@ -161,9 +173,10 @@ def _cpu_reason(t: Tensor) -> Optional[str]:
 
 
 def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False):
-    """Kernel check for dit_fast.validation: the cpu GEMM path (plain and with the GELU epilogue)
-    on x (rows, K) with K = like's last dim, 37 output features (a partial micro-tile) and
-    MIN_ROWS + 5 rows (like's rows if `exact`). Bound: tolerance + twice torch's own error."""
+    """Kernel check for dit_fast.validation: the cpu GEMM paths (plain and with the GELU epilogue
+    on MIN_ROWS + 5 rows, or like's rows if `exact`; and the few-rows kernel on 3 rows) on x
+    (rows, K) with K = like's last dim and 37 output features (partial tiles). Bound: tolerance +
+    twice torch's own error."""
     K = like.shape[-1] if like.dim() >= 2 and like.shape[-1] else 64
     rows = like.numel() // max(K, 1) if exact else MIN_ROWS + 5
     x = validation.randn((rows, K), like)
@@ -175,9 +188,10 @@ def _validate(backend: str, like: Tensor, grad: bool = True, exact: bool = False
             return _reference(x, w, b, gelu) if backend == "reference" else _run(x, w, b, gelu)
         return fn
 
+    cases = [("fwd", False, x), ("fwd gelu", True, x)] + ([] if exact else [("fwd few rows", False, x[:3])])
     return validation.run_phases(OP_NAME, backend, [
-        validation.phase(name, run(gelu), (x, w, b), ("out",), peer=lambda g=gelu: run(g)(
-            "reference", x, w, b)) for name, gelu in (("fwd", False), ("fwd gelu", True))])
+        validation.phase(name, run(gelu), (xs, w, b), ("out",), peer=lambda g=gelu, xs=xs: run(g)(
+            "reference", xs, w, b)) for name, gelu, xs in cases])
 
 
 _backends.register_op(OP_NAME, {"reference": None, "cpu": _DTYPES}, supports={"cpu": _cpu_reason},
@@ -206,8 +220,12 @@ def _gemm(gemm: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bo
     return _reference(x, weight, bias, gelu)
 
 
+def _rows(x: Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1) if x.dim() >= 1 else 0
+
+
 def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -> Tensor:
-    gemm, cdt, _ = _path(x.dtype, gelu)
+    gemm, cdt, _ = _path(x.dtype, gelu, few=_rows(x) <= FEW_ROWS)
     if gemm is None:  # a forced cpu backend where no GEMM beats torch's: the packed one
         gemm = "dit_fast"
     if cdt == x.dtype:
@@ -263,10 +281,16 @@ _cpu_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.compiler.assume_constant_result
 def _plain_f_linear(dtype: torch.dtype, gelu: bool) -> bool:
-    """Whether the cpu backend's GEMM for this kind of Linear is F.linear itself (a constant of
-    the process for torch.compile's tracing)."""
+    """Whether the cpu backend's GEMM for this kind of token Linear is F.linear itself (a constant
+    of the process for torch.compile's tracing)."""
     gemm, cdt, _ = _path(dtype, gelu)
     return gemm == "torch" and cdt == dtype
+
+
+@torch.compiler.assume_constant_result
+def _few_rows_kernel(dtype: torch.dtype, gelu: bool) -> bool:
+    """Whether the cpu backend has a faster GEMM than torch's for at most FEW_ROWS rows."""
+    return _path(dtype, gelu, few=True)[0] is not None
 
 
 def cpu_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool = False) -> bool:
@@ -275,13 +299,15 @@ def cpu_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: 
         return False
     if bias is not None and bias.dtype != x.dtype:
         return False
-    if x.dim() < 1 or x.numel() < MIN_ROWS * max(x.shape[-1], 1):
+    rows = _rows(x)
+    few = 1 <= rows <= FEW_ROWS and x.shape[-1] > 0
+    if not (rows >= MIN_ROWS and x.shape[-1] > 0) and not (few and _few_rows_kernel(x.dtype, gelu)):
         return False
     if os.environ.get(_ENV_OFF, "1").strip() == "0" or torch.is_autocast_enabled("cpu"):
         return False
     if torch.compiler.is_compiling():  # the op checks the backend when it runs
-        if _plain_f_linear(x.dtype, gelu):  # it would run F.linear on any backend: the graph
-            return False                    # calls it directly (no custom-op layers per call)
+        if not few and _plain_f_linear(x.dtype, gelu):  # it would run F.linear on any backend:
+            return False  # the graph calls it directly (no custom-op layers per call)
         return not (torch.is_grad_enabled()
                     and any(t is not None and t.requires_grad for t in (x, weight, bias)))
     return eager_inference(x, weight, bias) and _cpu_selected(x)
