@@ -1,5 +1,5 @@
-"""CPU GEMM candidates for DiT's token Linear layers at DiT-S/2's shapes (batch 8, 256 px: 2048 rows),
-torch's thread count.
+"""CPU GEMM candidates for DiT's Linear layers at DiT-S/2's shapes (batch 8, 256 px: 2048 token rows;
+the stacked adaLN projection: 8 rows, dit_fast's few-rows kernel), torch's thread count.
 
 float32:
 - torch:          F.linear (MKL sgemm);
@@ -50,7 +50,8 @@ from dit_fast.ops.linear import cpu_isa_info  # noqa: E402
 
 SHAPES = (  # name, M, K, N, gelu
     ("qkv", 2048, 384, 1152, False), ("proj", 2048, 384, 384, False),
-    ("fc1+gelu", 2048, 384, 1536, True), ("fc2", 2048, 1536, 384, False))
+    ("fc1+gelu", 2048, 384, 1536, True), ("fc2", 2048, 1536, 384, False),
+    ("adaLN", 8, 384, 12 * 6 * 384 + 2 * 384, False))  # all blocks' projections, one row per sample
 
 
 def _private_op(ns: str, name: str):

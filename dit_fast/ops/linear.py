@@ -24,8 +24,8 @@ the threads, small next to the M x K x N GEMM) into scratch memory, oneDNN and M
 weight, and bf16 weights are widened per call. So no route of changing weights (param.data writes,
 optimizer steps, load_state_dict, .to(), deepcopy) can leave a stale copy.
 
-Few rows (at most `FEW_ROWS`: the adaLN projection, one row per sample): where dit_fast._C runs its
-AVX2 path, its few-rows kernel, which reads the weight once in place (2-3x MKL's GEMM at adaLN's
+Few rows (at most `FEW_ROWS`: the adaLN projection, one row per sample), without GELU: where
+dit_fast._C runs its AVX2 path, its few-rows kernel, which reads the weight once in place (2-3x MKL's GEMM at adaLN's
 shapes, bench/results/cpu-bf16-avx2.md); bf16 weights are widened per call, never cached.
 
 When it runs (`cpu_linear_applies`): inference (no tensor needs a gradient), CPU tensors of one dtype,
@@ -131,10 +131,11 @@ def _path(dtype: torch.dtype, gelu: bool, few: bool = False) -> tuple[Optional[s
     isa, onednn = _dit_isa(), _onednn_missing()
     if dtype == torch.bfloat16 and _onednn_bf16():
         return "onednn", torch.bfloat16, "bf16 dot products in hardware"
-    if few and isa == "avx2":  # reads the weight once, no reorder: memory-bound like MKL, 2-3x faster
+    if few and not gelu and isa == "avx2":  # the weight read once, no reorder: 2-3x MKL's GEMM
         return "dit_fast", dtype, "few rows: the weight read once (bench/results/cpu-bf16-avx2.md)"
-    if few:
-        return None, dtype, f"dit_fast._C runs {isa or 'nowhere'} here (its generic few-rows kernel is slower than torch's)"
+    if few:  # (DiT's few-row GEMMs, the adaLN and timestep projections, have no GELU epilogue)
+        return None, dtype, (f"dit_fast._C runs {isa or 'nowhere'} here (its generic few-rows kernel "
+                             "is slower than torch's)" if not gelu else "few rows with GELU: unused by DiT")
     ours = isa == "avx2" and not _cpu_caps().get("avx512_f")
     if gelu and ours:
         gemm, why = "dit_fast", "fastest measured for fc1 + GELU on AVX2 (bench/results/cpu-bf16-avx2.md)"
