@@ -24,7 +24,8 @@ few calls; the table gives the median per-call time and the min-max over rounds,
 (2 M K N / time). Private torch ops that this torch lacks are skipped with the reason recorded.
 
 `--model`: the same choice in the whole model instead: a DiT-S/2 batch-8 forward in each dtype
-with each kind of Linear forced onto each candidate path (dit_fast.ops.linear._path), interleaved.
+with each kind of token Linear forced onto each candidate path (dit_fast.ops.linear._path; the
+adaLN projection as chosen), interleaved.
 
     python bench/cpu_gemm.py [--dtypes f32,bf16] [--rounds 9] [--calls 3] [--out bench/results/cpu-gemm-<isa>.json]
     python bench/cpu_gemm.py --model [--rounds 6] [--out bench/results/cpu-linear-model-<isa>.json]
@@ -149,9 +150,9 @@ def model_rows(rounds):
                 continue
             if dtype == torch.bfloat16 and "onednn" in (fc1, plain) and not lin._onednn_bf16():
                 continue  # oneDNN refuses bf16 without bf16 dot products
-            def path(dt, gelu, fc1=fc1, plain=plain):
-                if fc1 is None:
-                    return auto(dt, gelu)
+            def path(dt, gelu, few=False, fc1=fc1, plain=plain):
+                if fc1 is None or few:  # the adaLN projection (few rows): as chosen
+                    return auto(dt, gelu, few)
                 gemm = fc1 if gelu else plain
                 # ours takes bf16 operands; torch's bf16 GEMM is far slower: float32 copies instead
                 return gemm, (dt if gemm == "dit_fast" else torch.float32), "forced"

@@ -231,8 +231,8 @@ def test_paths_and_isa_are_reported():
     paths = lin.linear_paths()
     assert set(paths) == {f"{d} linear{k}" for d in ("float32", "bfloat16")
                           for k in ("", "+gelu", f" (<= {lin.FEW_ROWS} rows)")}
-    if lin._dit_isa() == "avx2" and not lin._cpu_caps().get("avx512_f"):  # measured: MKL, ours for fc1
-        assert paths["float32 linear"].startswith("torch in float32")
+    if lin._dit_isa() == "avx2" and not lin._cpu_caps().get("avx512_f"):  # measured: ours
+        assert paths["float32 linear"].startswith("dit_fast in float32")
         assert paths["float32 linear+gelu"].startswith("dit_fast in float32")
     elif lin._onednn_missing() is None:
         assert paths["float32 linear"].startswith("onednn in float32")
@@ -247,7 +247,7 @@ def test_missing_onednn_falls_back_with_a_reason(monkeypatch):
     monkeypatch.setattr(lin, "_onednn_missing", lambda: "torch 9.9 has no torch.ops.mkldnn._linear_pointwise")
     gemm, _, why = lin._path(torch.float32, False)
     if lin._dit_isa() == "avx2" and not lin._cpu_caps().get("avx512_f"):
-        assert gemm == "torch" and lin._path(torch.float32, True)[0] == "dit_fast"  # oneDNN unused here
+        assert gemm == "dit_fast" and lin._path(torch.float32, True)[0] == "dit_fast"  # oneDNN unused here
     else:
         assert gemm is None and "9.9" in lin._cpu_reason(torch.zeros(1))
     x, w, b = torch.randn(40, 16), torch.randn(8, 16), torch.randn(8)
@@ -277,8 +277,7 @@ def test_op_autograd_and_opcheck():
 
 
 def test_compiled_inference_keeps_the_op(monkeypatch):
-    """torch.compile(fullgraph=True) of DiT's Mlp-style pair keeps dit_fast::cpu_linear, except for
-    a Linear whose cpu GEMM is F.linear itself (then the graph calls F.linear: no custom op)."""
+    """torch.compile(fullgraph=True) of DiT's Mlp-style pair keeps dit_fast::cpu_linear."""
     torch.manual_seed(8)
     fc1, fc2 = nn.Linear(24, 96), nn.Linear(96, 24)
 
@@ -294,7 +293,7 @@ def test_compiled_inference_keeps_the_op(monkeypatch):
                                approximate="tanh"), fc2.weight.double(), fc2.bias.double())
         with dit_fast.use_backend("cpu"):
             got = torch.compile(mlp, fullgraph=True, backend="aot_eager")(x)
-    assert calls == [True] + ([] if lin._plain_f_linear(torch.float32, False) else [False])
+    assert calls == [True, False]
     assert_close(got, want)
 
 

@@ -9,11 +9,11 @@ GEMMs (`linear_paths` gives the choice on this machine, bench/results/cpu-gemm-<
                 bias / GELU fused, every ISA from AVX2 to AMX). A private torch op: used only where
                 this torch has it.
 - ``dit_fast``: dit_fast._C's packed-weight GEMM (csrc/cpu/gemm.cpp, AVX2 6x16 micro-kernel); the
-                fastest for fc1 + GELU on AVX2-only CPUs (bench/results/cpu-bf16-avx2.md),
-                and for bf16 there (bf16 operands widened inside the GEMM: no copies).
+                fastest on AVX2-only CPUs (bench/results/cpu-bf16-avx2.md), float32 or bf16
+                (bf16 operands widened inside the GEMM: no copies).
 - ``torch``:    F.linear (MKL).
-float32, where dit_fast._C runs its AVX2 path on a CPU without AVX-512: fc1 + GELU on ``dit_fast``,
-qkv / proj / fc2 / final on ``torch`` (as fast as ours in the model; bench/results/cpu-bf16-avx2.md);
+float32, where dit_fast._C runs its AVX2 path on a CPU without AVX-512: every Linear on ``dit_fast``
+(1-2.5% faster than MKL in the model, oneDNN 7-30% slower; bench/results/cpu-bf16-avx2.md);
 elsewhere ``onednn`` (not measured in the model). bfloat16: on CPUs with bf16 dot products
 (AVX512_BF16 / AMX) ``onednn`` in bf16; on AVX2-only CPUs every Linear on ``dit_fast`` with bf16
 operands (float32 sums, one rounding of the output); elsewhere the float32 GEMM on float32 copies
@@ -137,10 +137,8 @@ def _path(dtype: torch.dtype, gelu: bool, few: bool = False) -> tuple[Optional[s
         return None, dtype, (f"dit_fast._C runs {isa or 'nowhere'} here (its generic few-rows kernel "
                              "is slower than torch's)" if not gelu else "few rows with GELU: unused by DiT")
     ours = isa == "avx2" and not _cpu_caps().get("avx512_f")
-    if gelu and ours:
-        gemm, why = "dit_fast", "fastest measured for fc1 + GELU on AVX2 (bench/results/cpu-bf16-avx2.md)"
-    elif ours:  # in the model: oneDNN slower, our GEMM no faster (bench/results/cpu-bf16-avx2.md)
-        gemm, why = "torch", "F.linear (MKL): as fast as ours in the model on AVX2, oneDNN slower (bench/results/cpu-bf16-avx2.md)"
+    if ours:  # in the model: 1-2.5% faster than MKL in 3 of 3 runs, oneDNN 7-30% slower
+        gemm, why = "dit_fast", "fastest measured in the model on AVX2 (bench/results/cpu-bf16-avx2.md)"
     elif onednn is None:  # unmeasured in the model on these CPUs (GEMM alone: bench/cpu_gemm.py)
         gemm, why = "onednn", "dit_fast's GEMM does not run here; oneDNN at or above MKL in GEMMs alone"
     else:
@@ -281,14 +279,6 @@ _cpu_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- public API ---------------------------------------------------------------------------------
 
 @torch.compiler.assume_constant_result
-def _plain_f_linear(dtype: torch.dtype, gelu: bool) -> bool:
-    """Whether the cpu backend's GEMM for this kind of token Linear is F.linear itself (a constant
-    of the process for torch.compile's tracing)."""
-    gemm, cdt, _ = _path(dtype, gelu)
-    return gemm == "torch" and cdt == dtype
-
-
-@torch.compiler.assume_constant_result
 def _few_rows_kernel(dtype: torch.dtype, gelu: bool) -> bool:
     """Whether the cpu backend has a faster GEMM than torch's for at most FEW_ROWS rows."""
     return _path(dtype, gelu, few=True)[0] is not None
@@ -307,8 +297,6 @@ def cpu_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: 
     if os.environ.get(_ENV_OFF, "1").strip() == "0" or torch.is_autocast_enabled("cpu"):
         return False
     if torch.compiler.is_compiling():  # the op checks the backend when it runs
-        if not few and _plain_f_linear(x.dtype, gelu):  # it would run F.linear on any backend:
-            return False  # the graph calls it directly (no custom-op layers per call)
         return not (torch.is_grad_enabled()
                     and any(t is not None and t.requires_grad for t in (x, weight, bias)))
     return eager_inference(x, weight, bias) and _cpu_selected(x)
