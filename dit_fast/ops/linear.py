@@ -1,5 +1,6 @@
-"""DiT's token Linear layers (qkv, proj, fc1 + GELU, fc2, final) in CPU inference, on the fastest GEMM
-measured for the CPU and dtype, with the bias (and for fc1 the tanh-GELU) in the GEMM's epilogue:
+"""DiT's Linear layers in CPU inference (the token Linears qkv, proj, fc1 + GELU, fc2, final, and the
+stacked adaLN projection), on the fastest GEMM measured for the CPU and dtype, with the bias (and
+for fc1 the tanh-GELU) in the GEMM's epilogue:
 
     linear(module, x)                  = module(x)            module an nn.Linear
     cpu_linear(x, weight, bias, gelu)  = F.linear(x, weight, bias), then gelu_tanh if gelu
@@ -11,7 +12,7 @@ GEMMs (`linear_paths` gives the choice on this machine, bench/results/cpu-gemm-<
 - ``dit_fast``: dit_fast._C's packed-weight GEMM (csrc/cpu/gemm.cpp, AVX2 6x16 micro-kernel); the
                 fastest on AVX2-only CPUs (bench/results/cpu-bf16-avx2.md), float32 or bf16
                 (bf16 operands widened inside the GEMM: no copies).
-- ``torch``:    F.linear (MKL).
+- ``torch``:    F.linear (MKL), where neither runs.
 float32, where dit_fast._C runs its AVX2 path on a CPU without AVX-512: every Linear on ``dit_fast``
 (1-2.5% faster than MKL in the model, oneDNN 7-30% slower; bench/results/cpu-bf16-avx2.md);
 elsewhere ``onednn`` (not measured in the model). bfloat16: on CPUs with bf16 dot products
@@ -25,8 +26,8 @@ weight, and bf16 weights are widened per call. So no route of changing weights (
 optimizer steps, load_state_dict, .to(), deepcopy) can leave a stale copy.
 
 Few rows (at most `FEW_ROWS`: the adaLN projection, one row per sample), without GELU: where
-dit_fast._C runs its AVX2 path, its few-rows kernel, which reads the weight once in place (2-3x MKL's GEMM at adaLN's
-shapes, bench/results/cpu-bf16-avx2.md); bf16 weights are widened per call, never cached.
+dit_fast._C runs its AVX2 path, its few-rows kernel, which reads the weight once in place (2-3x
+MKL's GEMM at adaLN's shapes, bench/results/cpu-bf16-avx2.md); bf16 weights are widened per call.
 
 When it runs (`cpu_linear_applies`): inference (no tensor needs a gradient), CPU tensors of one dtype,
 float32 or bfloat16, no CPU autocast, at least `MIN_ROWS` rows (or at most `FEW_ROWS` where the
