@@ -291,10 +291,11 @@ float* packed_scratch(int64_t n) {
 
 // ---- few rows (M <= kGemmSmallM: adaLN's one row per sample) ---------------------------------
 // No reordering: the GEMM is as much work as a pass over the weight, which it reads once, rows of
-// W in place (bf16: each tile's 4 rows widened once into a per-thread buffer). Each thread takes an equal share of the output columns, in
-// tiles of 4 columns x up to 3 rows: 12 accumulators of 8 k-lanes, reduced once per tile; the
-// 4 weight rows of a tile stay in L1 while the row chunks pass over them. Every output element
-// sums its K products in the same fixed order on any thread count.
+// W in place (bf16: each tile's 4 rows widened once into a per-thread buffer). Each thread takes
+// an equal share of the output columns, in tiles of 4 columns x up to 3 rows: 12 accumulators of
+// 8 k-lanes, reduced once per tile; the 4 weight rows of a tile stay in L1 while the row chunks
+// pass over them. Every output element sums its K products in the same fixed order on any thread
+// count.
 
 constexpr int64_t SR = 3, SN = 4;  // rows, columns per few-rows tile
 
@@ -425,19 +426,19 @@ Status small_forward(const T* x, int64_t ldx, const T* w, const float* bias, T* 
 #endif
   const int64_t tiles = (N + SN - 1) / SN;
   const int nt = rowpar::resolve_threads(num_threads, tiles, M * N * K / 16);
+  // per-thread buffers, allocated here: nothing may throw inside the parallel region
   const int64_t buf_numel = std::is_same<T, float>::value ? 0 : SN * K;
+  std::unique_ptr<float[]> bufs(new float[nt * buf_numel + 1]);  // uninitialized
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
   {
     const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    std::vector<float> buf(buf_numel);
     fn(p, std::min(N, tiles * tid / nth * SN), std::min(N, tiles * (tid + 1) / nth * SN),
-       buf.data());
+       bufs.get() + tid * buf_numel);
   }
 #else
   (void)nt;
-  std::vector<float> buf(buf_numel);
-  fn(p, 0, N, buf.data());
+  fn(p, 0, N, bufs.get());
 #endif
   return Status::kOk;
 }
@@ -470,6 +471,10 @@ Status forward(const T* x, int64_t ldx, const T* w, const T* bias, T* out, int64
   const BlockFn<T> block = pick_block<T>();
   constexpr bool kF32 = std::is_same<T, float>::value;
   const int nt = rowpar::resolve_threads(num_threads, row_panels, M * N * K / 64);
+  // per-thread buffers (bf16: widened x rows, then partial sums; untouched if K <= KC), allocated
+  // here: nothing may throw inside the parallel region
+  const int64_t scratch_per_thread = kF32 ? 0 : MC * KC + MC * N;
+  std::unique_ptr<float[]> scratch(new float[nt * scratch_per_thread + 1]);  // uninitialized
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #else
@@ -484,9 +489,8 @@ Status forward(const T* x, int64_t ldx, const T* w, const T* bias, T* out, int64
 #endif
     for (int64_t q = 0; q < nkb * np; ++q) pack_panel(w, N, K, (q / np) * KC, q % np, packed);
     // (implicit barrier: the packed weight is complete)
-    std::unique_ptr<float[]> xbuf(kF32 ? nullptr : new float[MC * KC]);
-    std::unique_ptr<float[]> obuf(kF32 ? nullptr : new float[MC * N]);  // untouched if K <= KC
-    const Scratch s{xbuf.get(), obuf.get()};
+    float* mine = scratch.get() + tid * scratch_per_thread;
+    const Scratch s{mine, kF32 ? nullptr : mine + MC * KC};
     // This thread's equal share of the 6-row panels, in M blocks of up to MC rows. Each output
     // element's sums do not depend on the blocking, so results do not depend on the thread count.
     const int64_t p0 = row_panels * tid / nth, p1 = row_panels * (tid + 1) / nth;
