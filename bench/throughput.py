@@ -72,7 +72,7 @@ MODES = ("forward", "train", "sample")
 IMPLS = ("reference", "reference+compile", "diffusers", "official", "dit_fast", "dit_fast+compile", "dit_fast-blas")
 CPU_COMPILE_MODES = ("forward",)  # the compiled rows' modes in the default CPU list
 # bf16 rows' modes in the default list on CPUs without bf16 dot products: inference only (training
-# under autocast runs torch's bf16 GEMMs, ~10x slower there)
+# under autocast runs torch's bf16 GEMMs, ~30x slower there)
 CPU_EMULATED_BF16_MODES = ("forward", "sample")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CFG_SCALE = 4.0
@@ -201,7 +201,7 @@ def build_impls(args, base, device):
             skipped["dit_fast-blas"] = status.reason or f"the cpu backend does not run on {device.type} tensors"
         else:
             for dname in args.dtype.split(","):
-                if emulated_bf16 and dname == "bf16":  # torch's bf16 GEMMs: ~10x slower here
+                if emulated_bf16 and dname == "bf16":  # torch's bf16 GEMMs: ~10-30x slower here
                     continue
                 impls.append(Impl("dit_fast-blas", clone, DTYPES[dname], backend="cpu", cfg="fused",
                                   env={"DIT_FAST_CPU_GEMM": "0"}, ours=True))

@@ -323,6 +323,10 @@ def test_grad_checkpointing_is_exact_and_bf16_trains(tmp_path):
     assert runs["ckpt"] == runs["plain"]
     assert all(math.isfinite(v) for v in runs["bf16"].values())
     assert runs["bf16"] != runs["plain"]          # autocast really ran in bfloat16
+    from dit_fast.ops.linear import cpu_isa_info  # bf16 without bf16 dot products: a warning
+    slow = "--precision bf16 on a CPU without bf16 dot products"
+    assert (slow in (tmp_path / "bf16" / "log.txt").read_text()) == (not cpu_isa_info()["native_bf16"])
+    assert slow not in (tmp_path / "plain" / "log.txt").read_text()
 
 
 def test_worker_processes_read_the_same_batches(reference, tmp_path):
