@@ -26,7 +26,7 @@ weight, and bf16 weights are widened per call. So no route of changing weights (
 optimizer steps, load_state_dict, .to(), deepcopy) can leave a stale copy.
 
 Few rows (at most `FEW_ROWS`: the adaLN projection, one row per sample), without GELU: where
-dit_fast._C runs its AVX2 path, its few-rows kernel, which reads the weight once in place (2-3x
+dit_fast._C runs its AVX2 path on a CPU without AVX-512 (where it was measured), its few-rows kernel, which reads the weight once in place (2-3x
 MKL's GEMM at adaLN's shapes, bench/results/cpu-bf16-avx2.md); bf16 weights are widened per call.
 
 When it runs (`cpu_linear_applies`): inference (no tensor needs a gradient), CPU tensors of one dtype,
@@ -132,12 +132,13 @@ def _path(dtype: torch.dtype, gelu: bool, few: bool = False) -> tuple[Optional[s
     isa, onednn = _dit_isa(), _onednn_missing()
     if dtype == torch.bfloat16 and _onednn_bf16():
         return "onednn", torch.bfloat16, "bf16 dot products in hardware"
-    if few and not gelu and isa == "avx2":  # the weight read once, no reorder: 2-3x MKL's GEMM
+    ours = isa == "avx2" and not _cpu_caps().get("avx512_f")  # where our GEMMs were measured
+    if few and not gelu and ours:  # the weight read once, no reorder: 2-3x MKL's GEMM
         return "dit_fast", dtype, "few rows: the weight read once (bench/results/cpu-bf16-avx2.md)"
     if few:  # (DiT's few-row GEMMs, the adaLN and timestep projections, have no GELU epilogue)
-        return None, dtype, (f"dit_fast._C runs {isa or 'nowhere'} here (its generic few-rows kernel "
-                             "is slower than torch's)" if not gelu else "few rows with GELU: unused by DiT")
-    ours = isa == "avx2" and not _cpu_caps().get("avx512_f")
+        return None, dtype, ("few rows with GELU: unused by DiT" if gelu else
+                             f"dit_fast._C runs {isa or 'nowhere'} here: its few-rows kernel is "
+                             "measured only on AVX2 CPUs without AVX-512")
     if ours:  # in the model: 1-2.5% faster than MKL in 3 of 3 runs, oneDNN 7-30% slower
         gemm, why = "dit_fast", "fastest measured in the model on AVX2 (bench/results/cpu-bf16-avx2.md)"
     elif onednn is None:  # unmeasured in the model on these CPUs (GEMM alone: bench/cpu_gemm.py)
