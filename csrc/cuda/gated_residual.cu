@@ -81,14 +81,9 @@ __global__ void gr_ln_modulate_fwd_kernel(const T* x, const T* __restrict__ y,
       }
     });
     // without the cache, x_new is re-read from global memory (this thread wrote it)
-    A mean, rstd;
-    ln_rows::stats<T, V, kCached>(row, xo, s, vecs, D, eps, red_a, red_b, mean, rstd);
-    if (threadIdx.x == 0) {
-      mean_out[r] = mean;
-      rstd_out[r] = rstd;
-    }
-    ln_rows::modulate<T, V, kCached>(row, xo, shift + n * shift_rs, scale + n * scale_rs,
-                                     h + r * D, vecs, mean, rstd);
+    ln_rows::forward<T, V, kCached>(row, xo, s, vecs, D, eps, shift + n * shift_rs,
+                                    scale + n * scale_rs, h + r * D, mean_out + r, rstd_out + r,
+                                    red_a, red_b);
     if (r + gridDim.x < rows) __syncthreads();  // red_a / red_b are reused by the next row
   }
 }

@@ -62,15 +62,10 @@ __global__ void ln_modulate_fwd_kernel(const T* __restrict__ x, const T* __restr
         if (kCached) row.v[k][i] = v[i];
       }
     });
-    A mean, rstd;
-    ln_rows::stats<T, V, kCached>(row, xr, s, vecs, D, eps, red_a, red_b, mean, rstd);
-    if (threadIdx.x == 0) {
-      mean_out[r] = mean;
-      rstd_out[r] = rstd;
-    }
     const int64_t n = r / Tn;
-    ln_rows::modulate<T, V, kCached>(row, xr, shift + n * shift_stride, scale + n * scale_stride,
-                                     y + r * D, vecs, mean, rstd);
+    ln_rows::forward<T, V, kCached>(row, xr, s, vecs, D, eps, shift + n * shift_stride,
+                                    scale + n * scale_stride, y + r * D, mean_out + r, rstd_out + r,
+                                    red_a, red_b);
     if (r + gridDim.x < rows) __syncthreads();  // red_a / red_b are reused by the next row
   }
 }

@@ -82,6 +82,24 @@ __device__ __forceinline__ void modulate(const Row<typename Io<T>::A, V, kCached
   });
 }
 
+// The forward kernels' common tail for one row whose thread-local element sum is `s` (`row` /
+// `src` as in stats): mean and rstd (stored by thread 0), then out = LN(row) * (1 + scale) + shift.
+template <typename T, int V, bool kCached>
+__device__ __forceinline__ void forward(const Row<typename Io<T>::A, V, kCached>& row, const T* src,
+                                        typename Io<T>::A s, int64_t vecs, int64_t D,
+                                        typename Io<T>::A eps, const T* __restrict__ shift,
+                                        const T* __restrict__ scale, T* out,
+                                        typename Io<T>::A* mean_out, typename Io<T>::A* rstd_out,
+                                        typename Io<T>::A* red_a, typename Io<T>::A* red_b) {
+  typename Io<T>::A mean, rstd;
+  stats<T, V, kCached>(row, src, s, vecs, D, eps, red_a, red_b, mean, rstd);
+  if (threadIdx.x == 0) {
+    *mean_out = mean;
+    *rstd_out = rstd;
+  }
+  modulate<T, V, kCached>(row, src, shift, scale, out, vecs, mean, rstd);
+}
+
 // The backward's first pass over a row: xhat and g = dy * (1 + scale) (held in xh / g when
 // kCached) and the row means mean_g = mean(g), mean_gx = mean(g * xhat). One block reduction
 // (red: >= 64 elements).
