@@ -64,12 +64,8 @@ constexpr double kLn2 = 0.6931471805599453;
 
 using rowpar::AccOf;  // float accumulators for float32 / bfloat16, double for float64
 
-DIT_FORCEINLINE float to_acc(float v) { return v; }
-DIT_FORCEINLINE double to_acc(double v) { return v; }
-DIT_FORCEINLINE float to_acc(bf16 v) { return to_float(v); }
-DIT_FORCEINLINE void from_acc(float v, float* dst) { *dst = v; }
-DIT_FORCEINLINE void from_acc(double v, double* dst) { *dst = v; }
-DIT_FORCEINLINE void from_acc(float v, bf16* dst) { *dst = to_bf16(v); }
+using rowpar::from_acc;
+using rowpar::to_acc;
 
 // ---- block routines: generic ------------------------------------------------------------------
 // Shapes: nk keys (rows of S / P), bq query columns (multiple of kIC), Dh head dim.

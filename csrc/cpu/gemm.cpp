@@ -35,10 +35,8 @@ constexpr int64_t MR = kGemmMr, NR = kGemmNr, KC = kGemmKc, MC = kGemmMc;
 
 int64_t num_panels(int64_t N) { return (N + NR - 1) / NR; }
 
-DIT_FORCEINLINE float widen(float v) { return v; }
-DIT_FORCEINLINE float widen(bf16 v) { return to_float(v); }
-DIT_FORCEINLINE void put(float* d, float v) { *d = v; }
-DIT_FORCEINLINE void put(bf16* d, float v) { *d = to_bf16(v); }
+using rowpar::from_acc;
+using rowpar::to_acc;
 
 // The 6 x rows a micro-kernel reads: rows [0, mr) of the panel at `a` (row stride lda); rows past
 // mr repeat the last one (their results are discarded by the tile store).
@@ -92,7 +90,7 @@ DIT_FORCEINLINE void store_generic(const float* acc, const Tile<T>& t) {
       }
       if (t.bias) v += t.bias[t.n0 + j];
       if (t.ep == Epilogue::kGelu) v = gelu::forward<float>(v);
-      put(o + j, v);
+      from_acc(v, o + j);
     }
   }
 }
@@ -172,7 +170,7 @@ DIT_AVX2_FI void store_avx2(float* acc, const Tile<T>& t) {
       _mm256_store_ps(row + 8, v1);
       for (int64_t j = 0; j < t.nr; ++j) {
         if (t.last) {
-          put(o + j, row[j]);
+          from_acc(row[j], o + j);
         } else {
           p[j] = row[j];
         }
@@ -273,7 +271,7 @@ void pack_panel(const T* w, int64_t N, int64_t K, int64_t k0, int64_t j, float* 
   float* d = packed + k0 * np * NR + j * kc * NR;
   const T* s = w + j * NR * K + k0;
   for (int64_t k = 0; k < kc; ++k, d += NR) {
-    for (int64_t c = 0; c < nr; ++c) d[c] = widen(s[c * K + k]);
+    for (int64_t c = 0; c < nr; ++c) d[c] = to_acc(s[c * K + k]);
     for (int64_t c = nr; c < NR; ++c) d[c] = 0.f;
   }
 }
@@ -313,7 +311,7 @@ template <typename T>
 DIT_FORCEINLINE void small_store(const SmallProblem& p, int64_t m, int64_t n, float v) {
   if (p.bias) v += p.bias[n];
   if (p.ep == Epilogue::kGelu) v = gelu::forward<float>(v);
-  put(static_cast<T*>(p.out) + m * p.ldo + n, v);
+  from_acc(v, static_cast<T*>(p.out) + m * p.ldo + n);
 }
 
 // The 4 weight rows of the column tile at nb as float32 rows (rows past nr repeat the last one):
@@ -453,13 +451,13 @@ Status forward(const T* x, int64_t ldx, const T* w, const T* bias, T* out, int64
   std::unique_ptr<float[]> bias32;
   if (bias != nullptr) {
     bias32.reset(new float[N]);
-    for (int64_t n = 0; n < N; ++n) bias32[n] = widen(bias[n]);
+    for (int64_t n = 0; n < N; ++n) bias32[n] = to_acc(bias[n]);
   }
   if (K == 0) {  // empty sum: the epilogue of the bias alone
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) {
         const float v = bias32 ? bias32[n] : 0.f;
-        put(out + m * ldo + n, epilogue == Epilogue::kGelu ? gelu::forward<float>(v) : v);
+        from_acc(epilogue == Epilogue::kGelu ? gelu::forward<float>(v) : v, out + m * ldo + n);
       }
     return Status::kOk;
   }

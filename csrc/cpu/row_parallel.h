@@ -55,6 +55,14 @@ inline int resolve_threads(int num_threads, int64_t work_items, int64_t elems,
 
 // ---- row load / store in the accumulator type (force-inlined into each ISA clone) ----------
 
+// One element to / from the accumulator type (bf16 stores round to nearest even).
+DIT_FORCEINLINE float to_acc(float v) { return v; }
+DIT_FORCEINLINE double to_acc(double v) { return v; }
+DIT_FORCEINLINE float to_acc(bf16 v) { return to_float(v); }
+DIT_FORCEINLINE void from_acc(float v, float* dst) { *dst = v; }
+DIT_FORCEINLINE void from_acc(double v, double* dst) { *dst = v; }
+DIT_FORCEINLINE void from_acc(float v, bf16* dst) { *dst = to_bf16(v); }
+
 DIT_FORCEINLINE void load_row(const bf16* src, float* dst, int64_t n) {
   DIT_OMP_SIMD
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(src[i].bits);
